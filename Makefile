@@ -1,0 +1,37 @@
+# Two commands on a fresh machine:
+#   make demo   build the shapes-world demo: train a tiny Chameleon-style model on CPU, sample, evaluate
+#   make test   run the test suite (what CI runs)
+# Both create .venv and install with constraints.txt (pinned torch/torchvision).
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip install --constraint constraints.txt
+DEMO_DIR ?= runs/demo
+
+.PHONY: demo test venv clean-venv lint bench
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.base-installed: pyproject.toml constraints.txt | $(BIN)/python
+	$(PIP) -e .
+	touch $@
+
+$(VENV)/.dev-installed: pyproject.toml constraints.txt | $(BIN)/python
+	$(PIP) -e '.[dev,hf]'
+	touch $@ $(VENV)/.base-installed
+
+venv: $(VENV)/.base-installed
+
+demo: $(VENV)/.base-installed
+	$(BIN)/python -m chameleon_lite.cli.demo out_dir=$(DEMO_DIR)
+
+test: $(VENV)/.dev-installed
+	$(BIN)/python -m pytest -q --durations=15
+
+lint: $(VENV)/.dev-installed
+	$(BIN)/ruff check chameleon_lite tests benchmarks
+
+clean-venv:
+	rm -rf $(VENV)

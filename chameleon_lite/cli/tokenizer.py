@@ -1,0 +1,53 @@
+"""`chameleon-tokenizer`: train the text tokenizer and write `text.model` + `vocab.json`."""
+
+from __future__ import annotations
+
+import logging
+
+from omegaconf import DictConfig
+
+from chameleon_lite.config import ConfigError, hydra_app, require, resolve_path
+from chameleon_lite.text_tokenizer import iter_text_files, train_text_tokenizer
+from chameleon_lite.vocab import UnifiedVocab
+
+log = logging.getLogger(__name__)
+
+
+def shapes_captions(seed: int, n: int) -> list[str]:
+    from chameleon_lite.data.shapes import ShapesWorld
+
+    world = ShapesWorld(seed=seed, split="train", length=n)
+    return [world.caption(i) for i in range(n)]
+
+
+def build_tokenizer(cfg: DictConfig) -> UnifiedVocab:
+    """Train the text model and write both artifacts into ``cfg.dir``; returns the vocab.
+
+    ``cfg`` is the composed ``train_tokenizer`` config; settings live under ``cfg.tokenizer``.
+    """
+    vocab_size = require(cfg, "tokenizer.vocab_size", lambda v: isinstance(v, int) and v > 0, "a positive int")
+    n_image = require(cfg, "tokenizer.image_codebook_size", lambda v: isinstance(v, int) and v > 0, "a positive int")
+    tok = cfg.tokenizer
+    if isinstance(tok.text_files, str):
+        raise ConfigError(f"config key 'tokenizer.text_files' = {tok.text_files!r} must be a list of paths, "
+                          "e.g. tokenizer.text_files=[a.txt,b.txt]")
+    if tok.text_files:
+        corpus = iter_text_files(resolve_path(p) for p in tok.text_files)
+    else:
+        n = require(cfg, "tokenizer.shapes.n_captions", lambda v: isinstance(v, int) and v > 0, "a positive int")
+        corpus = shapes_captions(tok.shapes.seed, n)
+    out_dir = resolve_path(tok.dir)
+    text = train_text_tokenizer(corpus, out_dir / "text.model", vocab_size=vocab_size)
+    vocab = UnifiedVocab(n_text=text.vocab_size, n_image=n_image, n_reserved=tok.n_reserved)
+    vocab.save(out_dir / "vocab.json")
+    log.info("wrote %s and %s: %r", out_dir / "text.model", out_dir / "vocab.json", vocab)
+    return vocab
+
+
+@hydra_app("train_tokenizer")
+def main(cfg: DictConfig) -> None:
+    build_tokenizer(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""Hydra plumbing shared by every console script: where `conf/` lives, resolvers, user errors.
+
+Each CLI module is a thin ``main()`` built with :func:`hydra_app`; the work itself lives in a
+plain function taking a ``DictConfig`` so tests can call it after composing the real config with
+Hydra's compose API (``initialize_config_dir(CONF_DIR)``).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from omegaconf import DictConfig, OmegaConf
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = REPO_ROOT / "conf"
+TOKENIZERS_DIR = REPO_ROOT / "tokenizers"
+
+log = logging.getLogger(__name__)
+
+
+class ConfigError(ValueError):
+    """A config value a user set (or left) is wrong; the message names the key and the fix."""
+
+
+def repo_path(relative: str) -> str:
+    """``${repo:tokenizers/shapes}`` -> absolute path inside this repository (independent of cwd)."""
+    return str(REPO_ROOT / relative)
+
+
+def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("repo"):
+        OmegaConf.register_new_resolver("repo", repo_path)
+
+
+register_resolvers()
+
+
+def require(cfg: DictConfig, key: str, check: Callable[[Any], bool], expect: str) -> Any:
+    """Return ``cfg[key]`` (dotted) after checking it; raise ConfigError naming the key otherwise."""
+    value = OmegaConf.select(cfg, key, throw_on_missing=False)
+    if not check(value):
+        raise ConfigError(f"config key '{key}' = {value!r} is invalid: expected {expect} "
+                          f"(override it on the command line, e.g. {key}=...)")
+    return value
+
+
+def resolve_path(path: str | Path) -> Path:
+    """User paths are relative to where the command was started (Hydra keeps cwd by default)."""
+    return Path(path).expanduser().resolve()
+
+
+USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError, ValueError)
+
+
+def hydra_app(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Callable[[], None]]:
+    """Turn ``task(cfg)`` into a Hydra console-script ``main``.
+
+    User errors (bad config value, missing file, bad input: ValueError and subclasses) are
+    printed as one ``error: ...`` line and exit with status 2 instead of a traceback; anything
+    else is a bug and keeps its traceback. Hydra itself already rejects unknown override keys
+    with a message naming the key (the composed config is in struct mode).
+    """
+    import hydra
+
+    def decorate(task: Callable[[DictConfig], Any]) -> Callable[[], None]:
+        @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config_name)
+        def _hydra_main(cfg: DictConfig) -> None:
+            try:
+                task(cfg)
+            except USER_ERRORS as err:
+                log.error("%s", err)
+                print(f"error: {err}", file=sys.stderr)
+                sys.exit(2)
+
+        @functools.wraps(task)
+        def main() -> None:
+            _hydra_main()
+
+        return main
+
+    return decorate

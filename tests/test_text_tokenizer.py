@@ -1,0 +1,74 @@
+import random
+
+import pytest
+
+from chameleon_lite.text_tokenizer import TextTokenizerError, iter_text_files, train_text_tokenizer
+
+WORDS = "a red blue green circle square triangle left of right above below and two three four".split()
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    rng = random.Random(0)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 8))) for _ in range(1500)]
+
+
+@pytest.fixture(scope="module")
+def tok(corpus, tmp_path_factory):
+    return train_text_tokenizer(corpus, tmp_path_factory.mktemp("tok") / "text.model", vocab_size=300)
+
+
+@pytest.mark.parametrize("text", ["a red circle left of a blue square", "Ünïcödé ✓ 日本語 🙂", "", "   ",
+                                  "\ttabs\nand  newlines ", "12345 digits"])
+def test_round_trip(tok, text):
+    assert tok.decode(tok.encode(text)) == text
+
+
+def test_vocab_size_and_merges(tok):
+    assert tok.vocab_size == 300
+    assert len(tok.encode("a red circle")) < len("a red circle")  # learned merges, not bytes
+
+
+def test_training_is_deterministic(corpus, tmp_path):
+    a = train_text_tokenizer(corpus, tmp_path / "a.model", vocab_size=300)
+    b = train_text_tokenizer(corpus, tmp_path / "b.model", vocab_size=300)
+    assert a.path.read_bytes() == b.path.read_bytes()
+
+
+def test_empty_corpus(tmp_path):
+    with pytest.raises(TextTokenizerError, match="empty"):
+        train_text_tokenizer(["", "  "], tmp_path / "x.model")
+    assert not (tmp_path / "x.model").exists()
+
+
+def test_vocab_too_large_for_corpus_keeps_old_artifact(corpus, tmp_path):
+    out = tmp_path / "text.model"
+    out.write_bytes(b"previous good model")
+    with pytest.raises(TextTokenizerError, match="vocab_size=50000"):
+        train_text_tokenizer(corpus, out, vocab_size=50000)
+    assert out.read_bytes() == b"previous good model"
+    assert list(tmp_path.iterdir()) == [out]
+
+
+def test_vocab_too_small(corpus, tmp_path):
+    with pytest.raises(TextTokenizerError, match="too small"):
+        train_text_tokenizer(corpus, tmp_path / "x.model", vocab_size=100)
+
+
+def test_text_files(tmp_path):
+    f = tmp_path / "a.txt"
+    f.write_text("one line\n\n second line \n")
+    assert list(iter_text_files([f])) == ["one line", "second line"]
+    with pytest.raises(TextTokenizerError, match="missing.txt"):
+        list(iter_text_files([tmp_path / "missing.txt"]))
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("caf\xe9\n".encode("latin-1"))
+    with pytest.raises(TextTokenizerError, match="UTF-8"):
+        list(iter_text_files([bad]))
+
+
+def test_missing_model_file(tmp_path):
+    from chameleon_lite.text_tokenizer import TextTokenizer
+
+    with pytest.raises(FileNotFoundError, match="chameleon-tokenizer"):
+        TextTokenizer(tmp_path / "nope.model")
