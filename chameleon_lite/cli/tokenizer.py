@@ -17,7 +17,7 @@ def shapes_captions(seed: int, n: int) -> list[str]:
     from chameleon_lite.data.shapes import ShapesWorld
 
     world = ShapesWorld(seed=seed, split="train", length=n)
-    return [world.caption(i) for i in range(n)]
+    return [world[i].caption for i in range(n)]
 
 
 def build_tokenizer(cfg: DictConfig) -> UnifiedVocab:

@@ -1,0 +1,85 @@
+"""Loading and exporting trained models. Never unpickles code: ``torch.load(weights_only=True)``.
+
+Two formats:
+- a Lightning ``.ckpt`` (resume format; carries optimizer and loop state),
+- an exported directory ``model.safetensors`` + ``config.json`` (model config, vocab layout and
+  the tokenizer directory it was trained with) — the format to hand to others.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from chameleon_lite.files import atomic_path, atomic_write_text
+from chameleon_lite.model import ChameleonLM, ModelConfig
+from chameleon_lite.vocab import UnifiedVocab
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be (safely) loaded."""
+
+
+def safe_torch_load(path: str | os.PathLike) -> dict[str, Any]:
+    """``torch.load`` restricted to tensors and plain containers: a pickle carrying code is refused."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(f"{path}: refused to load — the file contains pickled objects that are not plain "
+                              f"weights ({str(err).splitlines()[0]}). Only load checkpoints you trust, and "
+                              "prefer exported safetensors directories.") from None
+    except (RuntimeError, EOFError) as err:
+        raise CheckpointError(f"{path}: not a readable checkpoint ({err})") from None
+
+
+def export_weights(module, out_dir: Path, tokenizer_dir: str | os.PathLike) -> Path:
+    """Write ``model.safetensors`` and ``config.json`` for ``module.model`` into ``out_dir``."""
+    out_dir = Path(out_dir)
+    state = {k: v.detach().contiguous() for k, v in module.model.state_dict().items()}
+    with atomic_path(out_dir / "model.safetensors") as tmp:
+        save_file(state, str(tmp))
+    meta = {"model": asdict(module.model_config), "vocab": module.vocab.to_dict(),
+            "tokenizer_dir": str(Path(tokenizer_dir).resolve())}
+    atomic_write_text(out_dir / "config.json", json.dumps(meta, indent=2) + "\n")
+    return out_dir
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[ChameleonLM, UnifiedVocab, dict]:
+    """Load a ``.ckpt`` file or an exported directory -> (model in eval mode, vocab, metadata)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist (give ckpt=runs/<run>/checkpoints/last.ckpt "
+                                "or an exported runs/<run>/model directory)")
+    if path.is_dir():
+        cfg_path, weights = path / "config.json", path / "model.safetensors"
+        if not cfg_path.is_file() or not weights.is_file():
+            raise CheckpointError(f"{path} is not an exported model directory (needs config.json and model.safetensors)")
+        meta = json.loads(cfg_path.read_text())
+        state = load_file(str(weights))
+    else:
+        ckpt = safe_torch_load(path)
+        try:
+            hp = ckpt["hyper_parameters"]
+            meta = {"model": dict(hp["model"]), "vocab": dict(ckpt.get("vocab") or hp["vocab"]),
+                    "tokenizer_dir": ckpt.get("tokenizer_dir"), "global_step": ckpt.get("global_step")}
+            state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+        except (KeyError, TypeError) as err:
+            raise CheckpointError(f"{path}: not a chameleon-lite training checkpoint (missing {err})") from None
+    try:
+        model_cfg = ModelConfig.from_dict(meta["model"])
+        vocab = UnifiedVocab.from_dict(meta["vocab"], source=str(path))
+    except (KeyError, TypeError) as err:
+        raise CheckpointError(f"{path}: incomplete metadata ({err})") from None
+    model = ChameleonLM(model_cfg)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: weights do not match the model config (missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]})")
+    return model.to(device).eval(), vocab, meta

@@ -1,0 +1,79 @@
+"""`chameleon-train`: compose config -> data module + Lightning module -> ``trainer.fit``."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import lightning as L
+from omegaconf import DictConfig, OmegaConf
+
+from chameleon_lite.config import ConfigError, hydra_app, require, resolve_path
+from chameleon_lite.data.datamodule import ChameleonDataModule
+from chameleon_lite.model import ModelConfig
+from chameleon_lite.train.module import ChameleonLightningModule
+from chameleon_lite.train.trainer import build_trainer
+from chameleon_lite.checkpoint import export_weights
+
+log = logging.getLogger(__name__)
+
+
+def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
+    """``last`` -> ``<run_dir>/checkpoints/last.ckpt`` (None when no checkpoint exists yet: a fresh start)."""
+    if ckpt_path in (None, "", "null"):
+        return None
+    if ckpt_path == "last":
+        last = run_dir / "checkpoints" / "last.ckpt"
+        if not last.is_file():
+            log.warning("ckpt_path=last but %s does not exist: starting from scratch", last)
+            return None
+        return str(last)
+    path = resolve_path(ckpt_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"ckpt_path={ckpt_path}: no such checkpoint file")
+    return str(path)
+
+
+def build_model_config(cfg: DictConfig, vocab_size: int) -> ModelConfig:
+    values = OmegaConf.to_container(cfg.model, resolve=True)
+    if values.get("vocab_size") is None:
+        values["vocab_size"] = vocab_size
+    mc = ModelConfig.from_dict(values)
+    seq_len = require(cfg, "data.seq_len", lambda v: isinstance(v, int) and v >= 2, "an int >= 2")
+    if seq_len > mc.max_seq_len:
+        raise ConfigError(f"data.seq_len={seq_len} exceeds model.max_seq_len={mc.max_seq_len}; "
+                          "lower data.seq_len or raise model.max_seq_len")
+    return mc
+
+
+def train(cfg: DictConfig) -> dict:
+    """Run one training job; returns final metrics and the paths it wrote."""
+    L.seed_everything(cfg.seed, workers=True)
+    run_dir = resolve_path(cfg.run_dir)
+    dm = ChameleonDataModule(cfg.data, tokenizer_dir=cfg.tokenizer.dir, seed=cfg.seed)
+    dm.prepare_data()
+    dm.setup("fit")
+    vocab = dm.tokenizer.vocab
+    model_cfg = build_model_config(cfg, vocab.size)
+    max_steps = require(cfg, "trainer.max_steps", lambda v: isinstance(v, int) and v > 0, "a positive int")
+    module = ChameleonLightningModule(model=model_cfg.__dict__, optim=OmegaConf.to_container(cfg.optim, resolve=True),
+                                      vocab=vocab.to_dict(), total_steps=max_steps,
+                                      tokenizer_dir=str(resolve_path(cfg.tokenizer.dir)))
+    trainer = build_trainer(cfg)
+    log.info("model: %.2fM parameters (%.2fM without embeddings)", module.model.num_params() / 1e6,
+             module.model.num_params(exclude_embeddings=True) / 1e6)
+    trainer.fit(module, datamodule=dm, ckpt_path=resolve_ckpt_path(cfg.ckpt_path, run_dir))
+    result = {"run_dir": str(run_dir), "global_step": trainer.global_step,
+              "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()}}
+    if trainer.is_global_zero and cfg.export_weights:
+        result["weights"] = str(export_weights(module, run_dir / "model", cfg.tokenizer.dir))
+    return result
+
+
+@hydra_app("train")
+def main(cfg: DictConfig) -> None:
+    train(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""LightningDataModule: sources -> documents -> packed rows -> resumable loaders.
+
+``prepare_data`` (rank 0 only, Lightning's contract) VQ-encodes images into the token cache;
+``setup`` loads the tokenizers and caches and builds the packed datasets. Records that cannot be
+used are counted with their reason in ``self.skipped`` (reported by the training module at the
+end of every epoch); with ``data.strict=true`` the first one raises instead.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+from omegaconf import DictConfig
+
+from chameleon_lite.config import ConfigError
+from chameleon_lite.data.packed_dataset import PackedDataset, ResumableDataLoader, ResumableRowSampler
+from chameleon_lite.data.sequences import Document, SequenceBuilder
+from chameleon_lite.data.token_cache import TokenCache, load_or_build_shapes_cache
+from chameleon_lite.multimodal_tokenizer import MultimodalTokenizer
+
+log = logging.getLogger(__name__)
+
+TASKS = ("t2i", "caption")
+
+
+def task_weights(tasks: dict) -> tuple[list[str], np.ndarray]:
+    names = [t for t, w in tasks.items() if w]
+    unknown = [t for t in names if t not in TASKS]
+    if unknown or not names:
+        raise ConfigError(f"data.tasks={dict(tasks)} is invalid: weights for tasks among {TASKS}, at least one > 0")
+    w = np.asarray([float(tasks[t]) for t in names])
+    if (w < 0).any():
+        raise ConfigError(f"data.tasks={dict(tasks)}: weights must be >= 0")
+    return names, w / w.sum()
+
+
+def cache_documents(cache: TokenCache, builder: SequenceBuilder, tasks: dict, seed: int, epoch: int,
+                    shuffle: bool = True) -> list[Document]:
+    """One document per cached image, its task drawn from ``tasks`` with an (seed, epoch) RNG."""
+    names, p = task_weights(tasks)
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(cache)) if shuffle else np.arange(len(cache))
+    choice = rng.choice(len(names), size=len(cache), p=p)
+    docs = []
+    for i, t in zip(order.tolist(), choice.tolist()):
+        if names[t] == "t2i":
+            docs.append(builder.text_to_image(cache.texts[i], cache.codes[i]))
+        else:
+            docs.append(builder.image_to_text(cache.codes[i], cache.texts[i]))
+    return docs
+
+
+class ChameleonDataModule(L.LightningDataModule):
+    def __init__(self, data: DictConfig, tokenizer_dir: str | Path, seed: int = 0):
+        super().__init__()
+        self.cfg = data
+        self.tokenizer_dir = Path(tokenizer_dir)
+        self.seed = seed
+        self.skipped: Counter[str] = Counter()
+        self.tokenizer: MultimodalTokenizer | None = None
+        self.train_set: PackedDataset | None = None
+        self.val_set: PackedDataset | None = None
+        if data.source not in ("shapes", "jsonl"):
+            raise ConfigError(f"data.source={data.source!r} is invalid: use 'shapes' or 'jsonl'")
+        task_weights(data.tasks)
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def prepare_data(self) -> None:
+        self._caches(self._load_tokenizer())
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        tok = self._load_tokenizer()
+        train_cache, val_cache = self._caches(tok)
+        builder = tok.builder(self.cfg.loss_on)
+        cfg = self.cfg
+
+        def packed(cache: TokenCache, shuffle: bool) -> PackedDataset:
+            return PackedDataset(lambda epoch: cache_documents(cache, builder, cfg.tasks, self.seed, epoch, shuffle),
+                                 seq_len=cfg.seq_len, pad_id=tok.vocab.pad_id, overflow=cfg.overflow,
+                                 lookahead=cfg.lookahead)
+
+        self.train_set = packed(train_cache, shuffle=True)
+        self.val_set = packed(val_cache, shuffle=False)
+        stats = self.train_set.stats[0]
+        log.info("packed %d documents into %d rows of %d tokens (%.1f%% real tokens, %d split, %d rejected)",
+                 stats.documents, stats.rows, cfg.seq_len, 100 * stats.real_fraction, stats.split_documents,
+                 stats.rejected_documents)
+        if stats.rejected_documents:
+            self.skipped["document longer than seq_len (data.overflow=reject)"] += stats.rejected_documents
+
+    def train_dataloader(self) -> ResumableDataLoader:
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        sampler = ResumableRowSampler(len(self.train_set), rank=rank, world_size=world)
+        if len(sampler) < self.cfg.batch_size:
+            raise ConfigError(f"data.batch_size={self.cfg.batch_size} is larger than the {len(sampler)} packed "
+                              f"rows per process; lower data.batch_size or add data")
+        return ResumableDataLoader(self.train_set, sampler, batch_size=self.cfg.batch_size,
+                                   num_workers=self.cfg.num_workers, persistent_workers=self.cfg.num_workers > 0)
+
+    def val_dataloader(self) -> ResumableDataLoader:
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        sampler = ResumableRowSampler(len(self.val_set), rank=rank, world_size=world)
+        return ResumableDataLoader(self.val_set, sampler, batch_size=min(self.cfg.batch_size, len(sampler)))
+
+    # ------------------------------------------------------------------ helpers
+    def _load_tokenizer(self) -> MultimodalTokenizer:
+        if self.tokenizer is None:
+            self.tokenizer = MultimodalTokenizer.from_dir(self.tokenizer_dir)
+        return self.tokenizer
+
+    def _caches(self, tok: MultimodalTokenizer) -> tuple[TokenCache, TokenCache]:
+        cfg = self.cfg
+        if cfg.source == "shapes":
+            common = dict(cache_dir=Path(cfg.cache_dir), vq_dir=self.tokenizer_dir, image_tokenizer=tok.image,
+                          seed=cfg.seed, image_size=cfg.image_size, holdout_pairs=cfg.holdout_pairs)
+            return (load_or_build_shapes_cache(split="train", n=cfg.n_train, **common),
+                    load_or_build_shapes_cache(split="val", n=cfg.n_val, **common))
+        from chameleon_lite.data.jsonl import load_or_build_jsonl_cache
+
+        train = load_or_build_jsonl_cache(cfg, cfg.train_path, tok, self.tokenizer_dir, self.skipped)
+        val = (load_or_build_jsonl_cache(cfg, cfg.val_path, tok, self.tokenizer_dir, self.skipped)
+               if cfg.val_path else train)
+        return train, val

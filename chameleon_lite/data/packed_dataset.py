@@ -1,0 +1,103 @@
+"""Packed rows as a map-style dataset, with a sampler and loader that resume mid-epoch exactly.
+
+Epoch ``e`` re-derives its documents (``make_documents(e)``: shuffled, tasks re-drawn) and packs
+them; row ``r`` of epoch ``e`` is therefore a pure function of (seed, e, r) in every process and
+worker. :class:`ResumableDataLoader` is *stateful* in Lightning's sense (``state_dict`` /
+``load_state_dict``): Lightning stores how many batches of the current epoch were consumed in
+every checkpoint, and on ``ckpt_path=...`` the sampler starts right after them. DDP sharding is
+done here (row ``r`` goes to rank ``r % world_size``), so the trainer runs with
+``use_distributed_sampler=False``.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Callable, Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from chameleon_lite.data.packing import PackedRow, PackingStats, pack_documents
+from chameleon_lite.data.sequences import Document
+
+
+class PackedDataset(Dataset):
+    """Items are ``(epoch, row)`` keys -> dict of fixed-shape tensors (see ``PackedRow.to_tensors``)."""
+
+    def __init__(self, make_documents: Callable[[int], list[Document]], seq_len: int, pad_id: int,
+                 overflow: str = "split", lookahead: int = 64, max_docs: int | None = None):
+        self.make_documents = make_documents
+        self.seq_len = seq_len
+        self.pad_id = pad_id
+        self.overflow = overflow
+        self.lookahead = lookahead
+        self.stats: dict[int, PackingStats] = {}
+        rows0 = self.rows(0)
+        if not rows0:
+            raise ValueError("the training data produced no documents: check data.* (empty dataset?)")
+        longest = max(len(r.doc_lens) for r in rows0)
+        self.max_docs = max_docs or max(longest * 2, 8)
+
+    @lru_cache(maxsize=2)
+    def rows(self, epoch: int) -> list[PackedRow]:
+        stats = PackingStats()
+        rows = list(pack_documents(self.make_documents(epoch), self.seq_len, self.pad_id, self.overflow,
+                                   self.lookahead, stats))
+        self.stats[epoch] = stats
+        return rows
+
+    def rows_per_epoch(self) -> int:
+        return len(self.rows(0))
+
+    def __len__(self) -> int:
+        return self.rows_per_epoch()
+
+    def __getitem__(self, key: tuple[int, int] | int) -> dict[str, torch.Tensor]:
+        epoch, row = key if isinstance(key, tuple) else (0, key)
+        rows = self.rows(epoch)
+        return rows[row % len(rows)].to_tensors(self.max_docs)
+
+
+class ResumableRowSampler(Sampler):
+    """Yields ``(epoch, row)`` for this rank's share of one epoch, starting at ``start``."""
+
+    def __init__(self, n_rows: int, rank: int = 0, world_size: int = 1):
+        self.n_rows = n_rows
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch = 0
+        self.start = 0  # samples of this rank's share already consumed in ``epoch``
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch, self.start = epoch, 0
+
+    def __len__(self) -> int:
+        return self.n_rows // self.world_size
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        mine = range(self.rank, len(self) * self.world_size, self.world_size)
+        for row in mine[self.start:]:
+            yield self.epoch, row
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader over a :class:`ResumableRowSampler` whose position is saved in checkpoints."""
+
+    def __init__(self, dataset: PackedDataset, sampler: ResumableRowSampler, batch_size: int, **kwargs):
+        super().__init__(dataset, batch_size=batch_size, sampler=sampler, drop_last=True, **kwargs)
+        self._batches = 0
+
+    def __iter__(self):
+        self._batches = self.sampler.start // self.batch_size
+        for batch in super().__iter__():
+            self._batches += 1
+            yield batch
+        self.sampler.start = 0  # a completed epoch; the next one starts from its beginning
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.sampler.epoch, "batches": self._batches}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.epoch = int(state["epoch"])
+        self.sampler.start = int(state["batches"]) * self.batch_size

@@ -1,0 +1,132 @@
+"""Sequence builder: segments (text / image codes) -> one token document of the unified vocab.
+
+A document is ``<bos> seg_1 seg_2 ... <eos>`` where a text segment is its sentencepiece ids and an
+image segment is ``<boi> code_1 ... code_N <eoi>``. The task layouts of the Chameleon paper:
+
+    text -> image   <bos> caption <boi> codes <eoi> <eos>
+    image -> text   <bos> <boi> codes <eoi> caption <eos>
+    interleaved     any number of text and image segments in any order
+
+``loss_mask[t]`` says whether token ``t`` is a prediction target (predicted from tokens ``< t``).
+``loss_on="all"`` trains on every token after ``<bos>``. It also teaches the unconditional image
+distribution (captioning documents start ``<bos> <boi>``), which classifier-free guidance
+samples from. ``loss_on="completion"`` trains only on the segments after the prompt segments.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Sequence, Union
+
+import numpy as np
+import torch
+
+from chameleon_lite.vocab import UnifiedVocab
+
+IGNORE_INDEX = -100
+LossOn = Literal["all", "completion"]
+
+
+@dataclass(frozen=True)
+class TextSegment:
+    text: str
+
+
+@dataclass(frozen=True)
+class ImageSegment:
+    codes: torch.Tensor  # (N,) or (h, w) VQ codebook indices, int
+
+
+Segment = Union[TextSegment, ImageSegment]
+
+
+@dataclass
+class Document:
+    """One training document: ``input_ids`` (L,) int64 and ``loss_mask`` (L,) bool, same length."""
+
+    input_ids: np.ndarray
+    loss_mask: np.ndarray
+
+    def __post_init__(self) -> None:
+        if self.input_ids.shape != self.loss_mask.shape or self.input_ids.ndim != 1:
+            raise ValueError(f"Document: input_ids {self.input_ids.shape} and loss_mask {self.loss_mask.shape} "
+                             "must be 1-D and of equal length")
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    def labels(self) -> np.ndarray:
+        """Next-token labels aligned with ``input_ids``: labels[t] = ids[t+1] where that is a target."""
+        labels = np.full(len(self), IGNORE_INDEX, dtype=np.int64)
+        labels[:-1] = np.where(self.loss_mask[1:], self.input_ids[1:], IGNORE_INDEX)
+        return labels
+
+
+class SequenceBuilder:
+    """Builds documents and generation prompts; the one place that knows the token layout."""
+
+    def __init__(self, vocab: UnifiedVocab, encode_text, loss_on: LossOn = "all"):
+        if loss_on not in ("all", "completion"):
+            raise ValueError(f"data.loss_on={loss_on!r} is invalid: use 'all' or 'completion'")
+        self.vocab = vocab
+        self.encode_text = encode_text  # str -> list[int] sentencepiece piece ids
+        self.loss_on = loss_on
+
+    # ------------------------------------------------------------------------------ segments
+    def text_ids(self, text: str) -> list[int]:
+        return self.vocab.text_to_ids(self.encode_text(text))
+
+    def image_ids(self, codes: torch.Tensor | Sequence[int]) -> list[int]:
+        """``<boi> codes <eoi>`` as unified ids (codes are VQ indices, any shape)."""
+        flat = torch.as_tensor(codes).reshape(-1).tolist()
+        return [self.vocab.boi_id, *self.vocab.image_to_ids(flat), self.vocab.eoi_id]
+
+    # ------------------------------------------------------------------------------ documents
+    def document(self, segments: Sequence[Segment], n_prompt_segments: int = 0) -> Document:
+        """``<bos> segments <eos>``; with ``loss_on='completion'`` the first ``n_prompt_segments`` are context only."""
+        if not segments:
+            raise ValueError("a document needs at least one segment")
+        if self.loss_on == "completion" and n_prompt_segments >= len(segments):
+            raise ValueError(f"document has no loss tokens: all {len(segments)} segments are prompt with "
+                             "data.loss_on='completion'; keep at least one segment after the prompt")
+        ids = [self.vocab.bos_id]
+        mask = [False]
+        for k, seg in enumerate(segments):
+            if isinstance(seg, TextSegment):
+                piece = self.text_ids(seg.text)
+            elif isinstance(seg, ImageSegment):
+                piece = self.image_ids(seg.codes)
+            else:
+                raise TypeError(f"unknown segment type {type(seg).__name__}; use TextSegment or ImageSegment")
+            target = self.loss_on == "all" or k >= n_prompt_segments
+            ids.extend(piece)
+            mask.extend([target] * len(piece))
+        ids.append(self.vocab.eos_id)
+        mask.append(True)
+        return Document(np.asarray(ids, dtype=np.int64), np.asarray(mask, dtype=bool))
+
+    def text_to_image(self, caption: str, codes: torch.Tensor) -> Document:
+        return self.document([TextSegment(caption), ImageSegment(codes)], n_prompt_segments=1)
+
+    def image_to_text(self, codes: torch.Tensor, caption: str) -> Document:
+        return self.document([ImageSegment(codes), TextSegment(caption)], n_prompt_segments=1)
+
+    # ------------------------------------------------------------------------------ prompts
+    def t2i_prompt(self, caption: str) -> list[int]:
+        """``<bos> caption <boi>``: the sampler continues in image mode."""
+        return [self.vocab.bos_id, *self.text_ids(caption), self.vocab.boi_id]
+
+    def unconditional_image_prompt(self) -> list[int]:
+        """``<bos> <boi>``: the unconditional row of classifier-free guidance."""
+        return [self.vocab.bos_id, self.vocab.boi_id]
+
+    def caption_prompt(self, codes: torch.Tensor) -> list[int]:
+        """``<bos> <boi> codes <eoi>``: the sampler continues in text mode."""
+        return [self.vocab.bos_id, *self.image_ids(codes)]
+
+    def text_prompt(self, text: str) -> list[int]:
+        return [self.vocab.bos_id, *self.text_ids(text)]
+
+    def interleaved_prompt(self, segments: Sequence[Segment]) -> list[int]:
+        """``<bos> segments`` without ``<eos>``: the model continues the document."""
+        return self.document(segments).input_ids[:-1].tolist()

@@ -1,0 +1,134 @@
+"""ChameleonLightningModule: next-token training of ChameleonLM on packed mixed-modal rows.
+
+Logged every step: ``train/loss`` (ce + z-loss), ``train/ce``, ``train/z_loss``, cross-entropy per
+modality of the *target* token (``train/ce_text``, ``train/ce_image``) and the stability signals
+the Chameleon paper watches (``stability/*``: RMS of the final hidden state and max |logit| per
+modality; see :class:`~chameleon_lite.train.callbacks.StabilityMonitor`). The vocab layout is stored
+in every checkpoint and checked when tokenizers are paired with it again.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from chameleon_lite.data.sequences import IGNORE_INDEX
+from chameleon_lite.model import ChameleonLM, ModelConfig, lm_loss
+from chameleon_lite.vocab import UnifiedVocab
+
+
+def lr_lambda(step: int, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
+    """Linear warm-up to 1, then cosine / exponential decay to ``min_ratio`` at ``total`` (or constant)."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant" or total <= warmup:
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule == "cosine":
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    if schedule == "exponential":
+        return min_ratio ** progress
+    raise ValueError(f"optim.schedule={schedule!r} is invalid: use cosine, exponential or constant")
+
+
+class ChameleonLightningModule(L.LightningModule):
+    def __init__(self, model: dict, optim: dict, vocab: dict, total_steps: int, tokenizer_dir: str | None = None):
+        """All arguments are plain dicts so that ``save_hyperparameters`` makes checkpoints self-describing.
+
+        model: ModelConfig fields (vocab_size filled); optim: conf/optim fields; vocab:
+        ``UnifiedVocab.to_dict()``; total_steps: optimiser steps of the run (for the schedule);
+        tokenizer_dir: where the tokenizers live (recorded so sampling finds them again).
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.model_config = ModelConfig.from_dict(model)
+        self.vocab = UnifiedVocab.from_dict(vocab, source="checkpoint hyper-parameters")
+        if self.model_config.vocab_size < self.vocab.size:
+            raise ValueError(f"model.vocab_size={self.model_config.vocab_size} < vocab size {self.vocab.size}")
+        lr_lambda(0, optim["warmup_steps"], total_steps, optim["schedule"], optim["min_lr_ratio"])
+        self.model = ChameleonLM(self.model_config)
+        self.z_loss_coef = float(optim["z_loss"])
+        self.tokenizer_dir = tokenizer_dir
+        self.register_buffer("_image_ids", self.vocab.image_mask(), persistent=False)
+
+    def forward(self, input_ids: Tensor, **kwargs: Any) -> Tensor:
+        return self.model(input_ids, **kwargs)
+
+    # ------------------------------------------------------------------ steps
+    def _shared_step(self, batch: dict[str, Tensor], stage: str) -> dict[str, Tensor]:
+        self.vocab.check_ids(batch["input_ids"], what=f"{stage} batch input_ids")
+        logits, hidden = self.model(batch["input_ids"], positions=batch["positions"], doc_lens=batch["doc_lens"],
+                                    return_hidden=True)
+        labels = batch["labels"]
+        out = lm_loss(logits, labels, self.z_loss_coef, IGNORE_INDEX)
+        counted = labels != IGNORE_INDEX
+        is_image = self._image_ids[labels.clamp(min=0)] & counted  # (B, T) target is an image code
+        is_text = counted & ~is_image
+        metrics = {"loss": out.loss, "ce": out.ce, "z_loss": out.z_loss}
+        for name, mask in (("text", is_text), ("image", is_image)):
+            n = mask.sum()
+            if n > 0:
+                metrics[f"ce_{name}"] = out.token_ce[mask].sum() / n
+        bs = labels.shape[0]
+        self.log_dict({f"{stage}/{k}": v.detach() for k, v in metrics.items()}, prog_bar=False,
+                      on_step=stage == "train", on_epoch=stage != "train", batch_size=bs, sync_dist=stage != "train")
+        if stage == "train":
+            self.log("train/loss", out.loss.detach(), prog_bar=True, on_step=True, batch_size=bs)
+            with torch.no_grad():
+                stats = {"stability/hidden_rms": hidden.detach().float().pow(2).mean().sqrt()}
+                for name, mask in (("text", is_text), ("image", is_image)):
+                    if mask.any():
+                        stats[f"stability/max_logit_{name}"] = logits.detach()[mask].abs().max().float()
+            metrics["stability"] = stats
+            metrics["n_tokens"] = (batch["labels"] != IGNORE_INDEX).sum()
+        return metrics
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Any]:
+        return self._shared_step(batch, "train")
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._shared_step(batch, "val")
+
+    def on_train_epoch_end(self) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        skipped = getattr(dm, "skipped", None)
+        if skipped is not None:
+            total = sum(skipped.values())
+            self.log("data/skipped_records", float(total), rank_zero_only=True)
+            if total and self.trainer.is_global_zero:
+                reasons = "; ".join(f"{n} x {why}" for why, n in skipped.most_common())
+                print(f"[data] epoch {self.current_epoch}: skipped {total} records: {reasons}")
+
+    # ------------------------------------------------------------------ optimiser
+    def configure_optimizers(self):
+        o = self.hparams.optim
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            if not p.requires_grad:
+                continue
+            # matrices of linear layers decay; norms, biases and embeddings do not (Chameleon / llama practice)
+            (decay if p.ndim >= 2 and "embed" not in name else no_decay).append(p)
+        groups = [{"params": decay, "weight_decay": o["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}]
+        opt = torch.optim.AdamW(groups, lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"])
+        total = self.hparams.total_steps
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: lr_lambda(s, o["warmup_steps"], total, o["schedule"], o["min_lr_ratio"]))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["vocab"] = self.vocab.to_dict()
+        if self.tokenizer_dir is not None:
+            checkpoint["tokenizer_dir"] = str(self.tokenizer_dir)
+        checkpoint["rng"] = {"torch": torch.get_rng_state()}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "vocab" in checkpoint:
+            UnifiedVocab.from_dict(checkpoint["vocab"], "checkpoint").check_compatible(
+                self.vocab, "the checkpoint", "the configured tokenizers")
+        if "rng" in checkpoint:
+            torch.set_rng_state(checkpoint["rng"]["torch"])

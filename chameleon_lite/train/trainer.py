@@ -1,0 +1,45 @@
+"""Build the Lightning Trainer, callbacks and loggers from the composed Hydra config."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from chameleon_lite.config import ConfigError
+
+
+def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
+    """``cfg.callbacks`` is a mapping name -> callback config; ``null`` entries are switched off."""
+    return [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+
+
+def build_loggers(cfg: DictConfig) -> list[Any]:
+    loggers = cfg.get("logger") or []
+    return [instantiate(c) for c in loggers if c is not None]
+
+
+def build_strategy(strategy: Any) -> Any:
+    """``fsdp`` becomes an FSDPStrategy that wraps and activation-checkpoints each decoder block."""
+    if strategy == "fsdp":
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        from chameleon_lite.model.transformer import Block
+
+        return FSDPStrategy(auto_wrap_policy={Block}, activation_checkpointing_policy={Block},
+                            sharding_strategy="FULL_SHARD")
+    return strategy
+
+
+def build_trainer(cfg: DictConfig, **overrides: Any) -> L.Trainer:
+    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+    if not isinstance(trainer_cfg, dict) or trainer_cfg.pop("_target_", None) != "lightning.Trainer":
+        raise ConfigError("trainer config must be a lightning.Trainer node (conf/trainer/*.yaml)")
+    trainer_cfg["strategy"] = build_strategy(trainer_cfg.get("strategy", "auto"))
+    trainer_cfg.update(overrides)
+    try:
+        return L.Trainer(callbacks=build_callbacks(cfg), logger=build_loggers(cfg) or False, **trainer_cfg)
+    except TypeError as err:
+        raise ConfigError(f"invalid trainer.* setting: {err}") from None

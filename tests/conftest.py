@@ -1,0 +1,37 @@
+"""Shared fixtures: compose the real Hydra configs, overridden to tiny CPU sizes."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from chameleon_lite.config import CONF_DIR
+
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+# A training run small enough for CI: tiny model, few rows, fp32 on CPU.
+TINY_TRAIN = [
+    "model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.max_seq_len=256",
+    "data.n_train=256", "data.n_val=32", "data.seq_len=256", "data.batch_size=4",
+    "trainer.max_steps=6", "trainer.val_check_interval=3", "trainer.limit_val_batches=2",
+    "trainer.precision=32-true", "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1",
+    "optim.warmup_steps=2", "callbacks.checkpoint.every_n_train_steps=3",
+]
+
+
+def compose_config(config_name: str, overrides: list[str] | None = None):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name=config_name, overrides=overrides or [])
+
+
+@pytest.fixture
+def tiny_train_cfg(tmp_path):
+    def make(*extra: str):
+        return compose_config("train", [*TINY_TRAIN, f"run_dir={tmp_path / 'run'}",
+                                        f"data.cache_dir={tmp_path / 'cache'}", *extra])
+
+    return make
