@@ -74,10 +74,11 @@ class ChameleonLightningModule(L.LightningModule):
             if n > 0:
                 metrics[f"ce_{name}"] = out.token_ce[mask].sum() / n
         bs = labels.shape[0]
-        self.log_dict({f"{stage}/{k}": v.detach() for k, v in metrics.items()}, prog_bar=False,
-                      on_step=stage == "train", on_epoch=stage != "train", batch_size=bs, sync_dist=stage != "train")
-        if stage == "train":
-            self.log("train/loss", out.loss.detach(), prog_bar=True, on_step=True, batch_size=bs)
+        train = stage == "train"
+        for k, v in metrics.items():
+            self.log(f"{stage}/{k}", v.detach(), prog_bar=k == "loss", on_step=train, on_epoch=not train,
+                     batch_size=bs, sync_dist=not train)
+        if train:
             with torch.no_grad():
                 stats = {"stability/hidden_rms": hidden.detach().float().pow(2).mean().sqrt()}
                 for name, mask in (("text", is_text), ("image", is_image)):

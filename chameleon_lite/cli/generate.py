@@ -1,0 +1,78 @@
+"""`chameleon-generate`: text->image, captioning, text completion or interleaved output from a checkpoint."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from omegaconf import DictConfig, ListConfig
+
+from chameleon_lite.config import ConfigError, hydra_app, resolve_path
+from chameleon_lite.generation.api import Generator
+from chameleon_lite.viz import save_captioned_grid
+
+log = logging.getLogger(__name__)
+TASKS = ("t2i", "caption", "text", "interleaved")
+
+
+def as_list(value) -> list[str]:
+    if value is None:
+        return []
+    return [str(v) for v in value] if isinstance(value, (list, ListConfig)) else [str(value)]
+
+
+def generate(cfg: DictConfig) -> dict:
+    """Run one generation task and write its PNG grid and JSON side-car into ``cfg.out_dir``."""
+    if cfg.task not in TASKS:
+        raise ConfigError(f"task={cfg.task!r} is invalid: use one of {', '.join(TASKS)}")
+    out_dir = resolve_path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    gen = Generator.load(resolve_path(cfg.ckpt), cfg.tokenizer_dir, device=cfg.device)
+    prompts = as_list(cfg.prompt)
+    record: dict = {"task": cfg.task, "ckpt": str(cfg.ckpt), "seed": cfg.seed}
+    if cfg.task == "t2i":
+        if not prompts:
+            raise ConfigError("task=t2i needs prompt=\"...\" (or a list)")
+        images = gen.generate_images(prompts, n=cfg.n, cfg_scale=cfg.cfg_scale, temperature=cfg.image_temperature,
+                                     top_k=cfg.image_top_k, top_p=cfg.image_top_p, seed=cfg.seed)
+        titles = [p for p in prompts for _ in range(cfg.n)]
+        record["images"] = str(save_captioned_grid(images, titles, out_dir / "t2i.png", nrow=cfg.n))
+        record["prompts"] = prompts
+    elif cfg.task == "caption":
+        paths = [resolve_path(p) for p in as_list(cfg.image)]
+        if not paths:
+            raise ConfigError("task=caption needs image=path.png (or a list of paths)")
+        captions = gen.caption([str(p) for p in paths], temperature=cfg.text_temperature, seed=cfg.seed)
+        images = gen.tok.image.preprocess([str(p) for p in paths])
+        record["captions"] = {str(p): c for p, c in zip(paths, captions)}
+        record["images"] = str(save_captioned_grid(images, captions, out_dir / "captions.png"))
+    elif cfg.task == "text":
+        record["completions"] = {p: gen.complete(p, max_new_tokens=cfg.max_new_tokens,
+                                                 temperature=cfg.text_temperature, seed=cfg.seed) for p in prompts}
+    else:
+        outputs = []
+        for k, p in enumerate(prompts):
+            segments = gen.interleaved(p, max_new_tokens=cfg.max_new_tokens, text_temperature=cfg.text_temperature,
+                                       image_temperature=cfg.image_temperature, cfg_scale=cfg.cfg_scale, seed=cfg.seed)
+            images = [s.image for s in segments if s.kind == "image"]
+            texts = [s.text for s in segments if s.kind == "text"]
+            entry = {"prompt": p, "segments": [{"text": s.text} if s.kind == "text" else {"image": True}
+                                               for s in segments]}
+            if images:
+                entry["images"] = str(save_captioned_grid(images, [p] * len(images), out_dir / f"interleaved_{k}.png"))
+            entry["text"] = " ".join(t for t in texts if t)
+            outputs.append(entry)
+        record["interleaved"] = outputs
+    (out_dir / "generate.json").write_text(json.dumps(record, indent=2) + "\n")
+    print(json.dumps(record, indent=2))
+    return record
+
+
+@hydra_app("generate")
+def main(cfg: DictConfig) -> None:
+    generate(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,37 @@
+"""Per-modality perplexity on packed validation rows (text-target tokens vs image-target tokens)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from tqdm.auto import tqdm
+
+from chameleon_lite.data.sequences import IGNORE_INDEX
+from chameleon_lite.model import ChameleonLM, lm_loss
+from chameleon_lite.vocab import UnifiedVocab
+
+
+@torch.inference_mode()
+def evaluate_perplexity(model: ChameleonLM, vocab: UnifiedVocab, loader, max_batches: int | None = None) -> dict:
+    """exp(mean CE) over all counted tokens, over text-target and over image-target tokens."""
+    image_ids = vocab.image_mask()
+    sums = {"all": 0.0, "text": 0.0, "image": 0.0}
+    counts = {"all": 0, "text": 0, "image": 0}
+    for k, batch in enumerate(tqdm(loader, desc="perplexity", unit="batch", total=max_batches)):
+        if max_batches is not None and k >= max_batches:
+            break
+        logits = model(batch["input_ids"], positions=batch["positions"], doc_lens=batch["doc_lens"])
+        labels = batch["labels"]
+        token_ce = lm_loss(logits, labels, 0.0, IGNORE_INDEX).token_ce
+        counted = labels != IGNORE_INDEX
+        is_image = image_ids[labels.clamp(min=0)] & counted
+        for name, mask in (("all", counted), ("text", counted & ~is_image), ("image", is_image)):
+            sums[name] += float(token_ce[mask].sum())
+            counts[name] += int(mask.sum())
+    result = {}
+    for name in sums:
+        if counts[name]:
+            ce = sums[name] / counts[name]
+            result[name] = {"ce": ce, "perplexity": math.exp(ce), "tokens": counts[name]}
+    return result

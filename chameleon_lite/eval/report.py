@@ -1,0 +1,35 @@
+"""Writing evaluation results: one JSON file and one Markdown table per task."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from chameleon_lite.files import atomic_write_text
+
+
+def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    def fmt(v: Any) -> str:
+        return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(out_dir: Path, task: str, result: dict[str, Any], table: str) -> dict[str, str]:
+    """``<task>.json`` (the full result) and ``<task>.md`` (the table); returns their paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": str(out_dir / f"{task}.json"), "markdown": str(out_dir / f"{task}.md")}
+    atomic_write_text(Path(paths["json"]), json.dumps(result, indent=2, default=str) + "\n")
+    atomic_write_text(Path(paths["markdown"]), table)
+    return paths
+
+
+def category_rows(summary: dict[str, Any], metric_keys: list[str]) -> list[dict[str, Any]]:
+    """Turn ``{"per_category": {cat: {...}}, "overall": {...}}`` into table rows."""
+    rows = [{"category": cat, **{k: v.get(k, "") for k in ["n", *metric_keys]}}
+            for cat, v in summary["per_category"].items()]
+    rows.append({"category": "**overall**", **{k: summary["overall"].get(k, "") for k in ["n", *metric_keys]}})
+    return rows

@@ -1,0 +1,118 @@
+"""A small Python API over a trained model: what the notebook, the CLI and the evaluation use.
+
+    gen = Generator.load("runs/demo/checkpoints/last.ckpt")
+    images = gen.generate_images(["a red circle left of a blue square"], n=4, cfg_scale=3.0)
+    captions = gen.caption(images)
+    text = gen.complete("a red")
+    segments = gen.interleaved("two green squares", max_new_tokens=200)
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from chameleon_lite.checkpoint import load_model
+from chameleon_lite.generation.sampler import Sampler, SamplingConfig
+from chameleon_lite.model import ChameleonLM
+from chameleon_lite.multimodal_tokenizer import MultimodalTokenizer
+
+
+@dataclass
+class Segment:
+    """One piece of generated interleaved output: ``text`` or ``image`` (float (3, H, W) in [0, 1])."""
+
+    kind: str
+    text: str | None = None
+    image: torch.Tensor | None = None
+
+
+class Generator:
+    def __init__(self, model: ChameleonLM, tokenizer: MultimodalTokenizer):
+        self.model = model.eval()
+        self.tok = tokenizer
+        self.vocab = tokenizer.vocab
+        self.builder = tokenizer.builder()
+        self.sampler = Sampler(model, tokenizer.vocab, tokenizer.tokens_per_image)
+
+    @classmethod
+    def load(cls, ckpt: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None,
+             device: str | torch.device = "cpu") -> "Generator":
+        """Load a ``.ckpt`` or exported model dir and its tokenizers (the dir recorded at training time
+        unless ``tokenizer_dir`` is given); a vocab mismatch between the two is an error naming both."""
+        model, vocab, meta = load_model(ckpt, device=device)
+        tok_dir = tokenizer_dir or meta.get("tokenizer_dir")
+        if tok_dir is None:
+            raise ValueError(f"{ckpt} does not record its tokenizer directory; pass tokenizer_dir=...")
+        tok = MultimodalTokenizer.from_dir(Path(tok_dir), device=device)
+        vocab.check_compatible(tok.vocab, f"checkpoint {ckpt}", f"tokenizers {tok_dir}")
+        return cls(model, tok)
+
+    # ------------------------------------------------------------------ tasks
+    def generate_images(self, prompts: Sequence[str], n: int = 1, cfg_scale: float | None = 3.0,
+                        temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+                        batch_size: int = 16) -> torch.Tensor:
+        """Text -> image. Returns float images (len(prompts) * n, 3, H, W) in [0, 1], prompt-major."""
+        ids = [self.builder.t2i_prompt(p) for p in prompts for _ in range(n)]
+        cfg = SamplingConfig(max_new_tokens=self.tok.tokens_per_image + 1, image_temperature=temperature,
+                             image_top_k=top_k, image_top_p=top_p, cfg_scale=cfg_scale,
+                             stop_ids=(self.vocab.eoi_id,), seed=seed)
+        codes = []
+        for start in range(0, len(ids), batch_size):
+            for out in self.sampler.generate(ids[start:start + batch_size],
+                                             replace(cfg, seed=seed + start)):
+                codes.append(self.vocab.ids_to_image(torch.tensor(out[: self.tok.tokens_per_image])))
+        return self.tok.decode_images(torch.stack(codes))
+
+    def caption(self, images, temperature: float = 0.0, max_new_tokens: int = 48, seed: int = 0) -> list[str]:
+        """Image -> text (greedy by default). ``images``: anything the image tokenizer encodes."""
+        codes = self.tok.encode_images(images)
+        prompts = [self.builder.caption_prompt(c) for c in codes]
+        cfg = SamplingConfig(max_new_tokens=max_new_tokens, text_temperature=temperature, allow_images=False,
+                             seed=seed)
+        return [self.tok.decode_text(out).strip() for out in self.sampler.generate(prompts, cfg)]
+
+    def complete(self, text: str, max_new_tokens: int = 48, temperature: float = 0.0, seed: int = 0) -> str:
+        """Text -> text continuation (no images)."""
+        cfg = SamplingConfig(max_new_tokens=max_new_tokens, text_temperature=temperature, allow_images=False,
+                             seed=seed)
+        return self.tok.decode_text(self.sampler.generate([self.builder.text_prompt(text)], cfg)[0])
+
+    def interleaved(self, text: str, max_new_tokens: int = 256, text_temperature: float = 0.7,
+                    image_temperature: float = 1.0, cfg_scale: float | None = None, seed: int = 0) -> list[Segment]:
+        """Continue a document that may switch between text and images; returns its segments."""
+        cfg = SamplingConfig(max_new_tokens=max_new_tokens, text_temperature=text_temperature,
+                             image_temperature=image_temperature, allow_images=True, cfg_scale=cfg_scale, seed=seed)
+        out = self.sampler.generate([self.builder.text_prompt(text)], cfg)[0]
+        return self.split_segments(out)
+
+    def split_segments(self, ids: Sequence[int]) -> list[Segment]:
+        """Token ids -> text and image segments (complete images only; a truncated one is dropped
+        with a text note so that nothing is lost silently)."""
+        segments: list[Segment] = []
+        text: list[int] = []
+        i = 0
+        n = self.tok.tokens_per_image
+        while i < len(ids):
+            if ids[i] == self.vocab.boi_id:
+                if text:
+                    segments.append(Segment("text", text=self.tok.decode_text(text)))
+                    text = []
+                codes = ids[i + 1:i + 1 + n]
+                if len(codes) == n and all(self.vocab.is_image_id(c) for c in codes):
+                    image = self.tok.decode_images(self.vocab.ids_to_image(torch.tensor([codes])))[0]
+                    segments.append(Segment("image", image=image))
+                else:
+                    segments.append(Segment("text", text=f"[incomplete image: {len(codes)}/{n} codes]"))
+                i += 1 + n + 1
+                continue
+            text.append(ids[i])
+            i += 1
+        if text:
+            segments.append(Segment("text", text=self.tok.decode_text(text)))
+        return segments
+
