@@ -79,11 +79,11 @@ class MultimodalTokenizer:
     def decode_images(self, codes: torch.Tensor) -> torch.Tensor:
         """VQ codes (B, h*w) -> float images (B, 3, H, W) in [0, 1]."""
         self._need_image()
-        h, w = self.image.grid_size
+        n = self.image.tokens_per_image
         codes = torch.as_tensor(codes)
-        if codes.ndim != 2 or codes.shape[1] != h * w:
-            raise ValueError(f"decode_images expects codes of shape (B, {h * w}), got {tuple(codes.shape)}")
-        return self.image.decode(codes.reshape(-1, h, w))
+        if codes.ndim != 2 or codes.shape[1] != n:
+            raise ValueError(f"decode_images expects codes of shape (B, {n}), got {tuple(codes.shape)}")
+        return self.image.decode(codes)
 
     def _need_image(self) -> None:
         if self.image is None:

@@ -3,13 +3,32 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from chameleon_lite.data.datamodule import cache_documents
+from chameleon_lite.data.packed_dataset import PackedDataset
 from chameleon_lite.data.sequences import IGNORE_INDEX
+from chameleon_lite.data.token_cache import load_or_build_shapes_cache
 from chameleon_lite.model import ChameleonLM, lm_loss
 from chameleon_lite.vocab import UnifiedVocab
+
+
+def validation_loader(data_cfg, tok, seq_len: int, batch_size: int = 4) -> DataLoader:
+    """Packed rows of the shapes val split (as in training, unshuffled), rows of ``seq_len``."""
+    if data_cfg.source != "shapes":
+        raise ValueError(f"task=perplexity supports data.source=shapes, got {data_cfg.source!r}")
+    cache = load_or_build_shapes_cache(Path(data_cfg.cache_dir), Path(tok.source), tok.image, seed=data_cfg.seed,
+                                       split="val", n=data_cfg.n_val, image_size=data_cfg.image_size,
+                                       holdout_pairs=data_cfg.holdout_pairs)
+    builder = tok.builder(data_cfg.loss_on)
+    dataset = PackedDataset(lambda epoch: cache_documents(cache, builder, data_cfg.tasks, data_cfg.seed, epoch,
+                                                          shuffle=False),
+                            seq_len=seq_len, pad_id=tok.vocab.pad_id, overflow=data_cfg.overflow)
+    return DataLoader(dataset, batch_size=batch_size)
 
 
 @torch.inference_mode()

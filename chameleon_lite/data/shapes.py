@@ -1,0 +1,276 @@
+"""The shapes world: chameleon-lite's embedded, generated default data set.
+
+Small RGB canvases with 1-4 hard-edged objects (colour x shape x size x position) and a caption
+in the shapes-world grammar, drawn deterministically from (seed, split, index): any worker
+process rebuilds any sample without shared state. Categories mirror GenEval (`CATEGORIES`);
+some colour-shape pairs are held out of train and val and appear only in test, to measure
+compositional generalisation.
+
+This module is also the one import site of the shapes world: the scene vocabulary
+(`shapes_scene`), the caption language (`shapes_captions`) and the detector (`shapes_detect`)
+are re-exported here.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from chameleon_lite.data.shapes_captions import CaptionParseError, parse_caption, render_caption
+from chameleon_lite.data.shapes_detect import DetectedObject, detect_objects, scene_from_detections
+from chameleon_lite.data.shapes_scene import (
+    BACKGROUND_RGB,
+    CATEGORIES,
+    COLOURS,
+    MAX_COUNT,
+    RELATIONS,
+    SHAPES,
+    SIZES,
+    ObjectInstance,
+    ObjectKey,
+    Relation,
+    SceneSpec,
+    SpecEntry,
+    category_of,
+    object_size_px,
+    placement_satisfies,
+    relation_holds,
+    shape_mask,
+)
+
+__all__ = [
+    "BACKGROUND_RGB",
+    "CATEGORIES",
+    "COLOURS",
+    "DEFAULT_HOLDOUT_PAIRS",
+    "RELATIONS",
+    "SHAPES",
+    "SIZES",
+    "SPLITS",
+    "CaptionParseError",
+    "DetectedObject",
+    "ObjectInstance",
+    "ObjectKey",
+    "Relation",
+    "SceneSpec",
+    "ShapesSample",
+    "ShapesWorld",
+    "SpecEntry",
+    "category_of",
+    "detect_objects",
+    "parse_caption",
+    "relation_holds",
+    "render_caption",
+    "render_scene",
+    "scene_from_detections",
+]
+
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+DEFAULT_HOLDOUT_PAIRS: tuple[tuple[str, str], ...] = (("red", "triangle"), ("blue", "diamond"))
+MIN_IMAGE_SIZE = 32
+#: Position scenes are placed so the relation holds far beyond the detector's lenient check:
+#: projections on the relation axis are disjoint and that axis dominates the other 2:1.
+_CLEAR_SEPARATION, _CLEAR_DOMINANCE = 1.0, 2.0
+_POSITION_TRIES_PER_OBJECT = 50
+_SCENE_TRIES = 200
+
+
+@dataclass(eq=False)
+class ShapesSample:
+    """One shapes-world example (compared by identity: compare fields, the image with torch.equal).
+
+    image: uint8 tensor (3, H, W), white background, exact palette colours.
+    caption: an English caption; `parse_caption(caption) == spec`.
+    spec: the canonical content (what the caption states).
+    category: one of `CATEGORIES`.
+    heldout: whether any object is a held-out colour-shape pair (only ever True in test).
+    objects: the drawn objects, in drawing order.
+    """
+
+    image: torch.Tensor
+    caption: str
+    spec: SceneSpec
+    category: str
+    heldout: bool
+    objects: list[ObjectInstance]
+
+
+def render_scene(objects: Iterable[ObjectInstance], image_size: int) -> np.ndarray:
+    """Draw `objects` (each filling its bbox with its shape's mask) on a white canvas.
+
+    Returns uint8 (image_size, image_size, 3); hard edges, exact `COLOURS` values.
+    """
+    canvas = np.full((image_size, image_size, 3), BACKGROUND_RGB, dtype=np.uint8)
+    for obj in objects:
+        x0, y0, x1, y1 = obj.bbox
+        canvas[y0:y1, x0:x1][shape_mask(obj.shape, y1 - y0, x1 - x0)] = COLOURS[obj.colour]
+    return canvas
+
+
+def _category_combos(category: str) -> list[tuple[ObjectKey, ...]]:
+    """All object kinds a category's scene may name (unordered; counting repeats its one kind)."""
+    keys = [ObjectKey(colour, shape) for colour in COLOURS for shape in SHAPES]
+    if category in ("single_object", "counting"):
+        return [(key,) for key in keys]
+    pair_rule = {
+        "two_objects": lambda a, b: a.colour == b.colour and a.shape != b.shape,
+        "colours": lambda a, b: a.shape == b.shape and a.colour != b.colour,
+        "colour_attribution": lambda a, b: a.colour != b.colour and a.shape != b.shape,
+        "position": lambda a, b: a.colour != b.colour and a.shape != b.shape,
+    }[category]
+    return [(a, b) for a, b in itertools.combinations(keys, 2) if pair_rule(a, b)]
+
+
+class ShapesWorld(Dataset):
+    """Map-style dataset of `ShapesSample`s, deterministic in (seed, split, index).
+
+    Sample `index` of `split` is drawn from `numpy.random.default_rng([seed, split_id, index])`
+    only, so it is identical in every process and every run; the three splits are independent
+    streams. Held-out pairs never appear in train or val; in test a `heldout_fraction` of the
+    samples (per category, where the category can include one) contain at least one held-out pair.
+    Everything (object sizes, margins) scales with `image_size`.
+
+    Raises ValueError naming the argument for an unknown split, colour, shape or category, a
+    negative weight, or a holdout that leaves a weighted category with nothing to draw in train.
+    """
+
+    def __init__(
+        self,
+        seed: int = 0,
+        image_size: int = 64,
+        split: str = "train",
+        holdout_pairs: Iterable[Sequence[str]] = DEFAULT_HOLDOUT_PAIRS,
+        length: int = 10_000,
+        category_weights: Mapping[str, float] | None = None,
+        heldout_fraction: float = 0.25,
+    ) -> None:
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        if seed < 0 or length < 0:
+            raise ValueError(f"seed and length must be >= 0, got seed={seed}, length={length}")
+        if image_size < MIN_IMAGE_SIZE:
+            raise ValueError(f"image_size must be >= {MIN_IMAGE_SIZE}, got {image_size}")
+        if not 0.0 <= heldout_fraction <= 1.0:
+            raise ValueError(f"heldout_fraction must be in [0, 1], got {heldout_fraction}")
+        self.seed, self.image_size, self.split, self.length = seed, image_size, split, length
+        self.heldout_fraction = heldout_fraction
+        self.holdout_pairs = frozenset(ObjectKey(*pair) for pair in holdout_pairs)
+        for colour, shape in self.holdout_pairs:
+            if colour not in COLOURS or shape not in SHAPES:
+                raise ValueError(f"holdout pair ({colour!r}, {shape!r}) is not a known colour and shape")
+        weights = dict.fromkeys(CATEGORIES, 1.0) if category_weights is None else dict(category_weights)
+        unknown = set(weights) - set(CATEGORIES)
+        if unknown or any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
+            raise ValueError(
+                f"category_weights must map categories {CATEGORIES} to weights >= 0 with a positive sum, "
+                f"got {weights}"
+            )
+        self.categories = tuple(c for c in CATEGORIES if weights.get(c, 0) > 0)
+        total = sum(weights[c] for c in self.categories)
+        self._probabilities = np.array([weights[c] / total for c in self.categories])
+        self._combos: dict[str, tuple[list[tuple[ObjectKey, ...]], list[tuple[ObjectKey, ...]]]] = {}
+        for category in self.categories:
+            combos = _category_combos(category)
+            seen = [c for c in combos if not self.holdout_pairs.intersection(c)]
+            held = [c for c in combos if self.holdout_pairs.intersection(c)]
+            if not seen:
+                raise ValueError(f"holdout_pairs leave category {category!r} nothing to draw in training")
+            self._combos[category] = (seen, held)
+        self._split_id = SPLITS.index(split)
+        self._border = max(1, round(0.05 * image_size))
+        self._gap = max(2, round(0.06 * image_size))
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> ShapesSample:
+        if not 0 <= index < self.length:
+            raise IndexError(f"index {index} out of range for a ShapesWorld of length {self.length}")
+        rng = np.random.default_rng([self.seed, self._split_id, int(index)])
+        category = self.categories[rng.choice(len(self.categories), p=self._probabilities)]
+        seen, held = self._combos[category]
+        pool = seen
+        if self.split == "test" and held and rng.random() < self.heldout_fraction:
+            pool = held
+        kinds = pool[rng.integers(len(pool))]
+        objects, relation = self._place(category, kinds, rng)
+        spec = SceneSpec.from_keys((obj.key for obj in objects), relation)
+        image = torch.from_numpy(
+            np.ascontiguousarray(render_scene(objects, self.image_size).transpose(2, 0, 1))
+        )
+        return ShapesSample(
+            image=image,
+            caption=render_caption(spec, rng),
+            spec=spec,
+            category=category,
+            heldout=any(obj.key in self.holdout_pairs for obj in objects),
+            objects=objects,
+        )
+
+    def _place(
+        self, category: str, kinds: tuple[ObjectKey, ...], rng: np.random.Generator
+    ) -> tuple[list[ObjectInstance], Relation | None]:
+        """Sizes and non-overlapping positions for the scene's objects (and its relation)."""
+        if category == "counting":
+            size = SIZES[rng.integers(len(SIZES))]
+            keys = [kinds[0]] * int(rng.integers(2, MAX_COUNT + 1))
+            sizes = [size] * len(keys)
+        else:
+            keys = [kinds[i] for i in rng.permutation(len(kinds))]
+            sizes = [SIZES[rng.integers(len(SIZES))] for _ in keys]
+        for attempt in range(_SCENE_TRIES):
+            if attempt == _SCENE_TRIES // 2:  # crowded: fall back to small objects, which always fit
+                sizes = ["small"] * len(keys)
+            objects = self._try_layout(keys, sizes, rng)
+            if objects is None:
+                continue
+            if category != "position":
+                return objects, None
+            relation = _clear_relation(objects[0], objects[1])
+            if relation is not None:
+                return objects, relation
+        raise RuntimeError(f"could not place {category} scene {keys} on a {self.image_size}px canvas")
+
+    def _try_layout(
+        self, keys: list[ObjectKey], sizes: list[str], rng: np.random.Generator
+    ) -> list[ObjectInstance] | None:
+        """Random positions keeping `_gap` between objects and `_border` from the edge, or None."""
+        boxes: list[tuple[int, int, int, int]] = []
+        for size in sizes:
+            side = object_size_px(size, self.image_size)
+            high = self.image_size - self._border - side + 1
+            for _ in range(_POSITION_TRIES_PER_OBJECT):
+                x0, y0 = (int(v) for v in rng.integers(self._border, high, size=2))
+                box = (x0, y0, x0 + side, y0 + side)
+                if all(_apart(box, other, self._gap) for other in boxes):
+                    boxes.append(box)
+                    break
+            else:
+                return None
+        return [
+            ObjectInstance.from_mask(
+                shape_mask(key.shape, y1 - y0, x1 - x0), x0, y0, key.shape, key.colour, size
+            )
+            for key, size, (x0, y0, x1, y1) in zip(keys, sizes, boxes)
+        ]
+
+
+def _apart(a: tuple[int, int, int, int], b: tuple[int, int, int, int], gap: int) -> bool:
+    """Whether half-open boxes a and b are at least `gap` pixels apart on some axis."""
+    return a[2] + gap <= b[0] or b[2] + gap <= a[0] or a[3] + gap <= b[1] or b[3] + gap <= a[1]
+
+
+def _clear_relation(a: ObjectInstance, b: ObjectInstance) -> Relation | None:
+    """The canonical relation that clearly holds between a and b, or None if none does."""
+    for rel in ("left of", "above"):
+        for subject, obj in ((a, b), (b, a)):
+            if placement_satisfies(
+                subject, obj, rel, min_separation=_CLEAR_SEPARATION, min_dominance=_CLEAR_DOMINANCE
+            ):
+                return Relation(subject.key, rel, obj.key)
+    return None

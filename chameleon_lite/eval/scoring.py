@@ -1,0 +1,148 @@
+"""Pure scoring rules on the shapes world: text-to-image (GenEval-style) and captioning.
+
+Everything here is a function of its arguments (no model, no I/O), so the eval commands, the
+Lightning callbacks and the tests share one definition of "correct".
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from chameleon_lite.data.shapes import (
+    CaptionParseError,
+    SceneSpec,
+    ShapesSample,
+    detect_objects,
+    parse_caption,
+    relation_holds,
+    scene_from_detections,
+)
+from chameleon_lite.data.shapes_detect import UNKNOWN_SHAPE
+
+
+def score_generated_image(image: torch.Tensor | np.ndarray, spec: SceneSpec) -> dict[str, Any]:
+    """GenEval-style verdict on an image generated for the prompt `spec`.
+
+    correct iff the detector finds exactly the prompt's objects - each (colour, shape) with its
+    count, nothing else, no unrecognisable blob - and the prompt's relation, if any, holds
+    between the detected objects (`relation_holds`). Returns
+    {"correct": bool, "objects_ok": bool, "relation_ok": bool | None (None: no relation stated),
+     "reasons": list[str] (empty when correct), "detected": SceneSpec.to_dict() of the detections}.
+    image: uint8 (3, H, W) or (H, W, 3).
+    """
+    detections = detect_objects(image)
+    detected = scene_from_detections(detections)
+    reasons = []
+    found, wanted = detected.counts(), spec.counts()
+    for key in sorted(set(found) | set(wanted)):
+        if found.get(key, 0) != wanted.get(key, 0):
+            reasons.append(f"{key.describe()}: expected {wanted.get(key, 0)}, found {found.get(key, 0)}")
+    unknown = [d for d in detections if d.shape == UNKNOWN_SHAPE]
+    if unknown:
+        reasons.append(f"{len(unknown)} object(s) of no known shape: {sorted(d.colour for d in unknown)}")
+    objects_ok = not reasons
+    relation_ok = None
+    if spec.relation is not None:
+        relation_ok = relation_holds(detections, spec.relation)
+        if not relation_ok:
+            reasons.append(f"relation {spec.relation.describe()!r} does not hold")
+    return {
+        "correct": not reasons,
+        "objects_ok": objects_ok,
+        "relation_ok": relation_ok,
+        "reasons": reasons,
+        "detected": detected.to_dict(),
+    }
+
+
+def score_caption(predicted_caption: str, sample: ShapesSample) -> dict[str, bool | None]:
+    """Captioning verdict: does `predicted_caption` describe `sample`'s scene?
+
+    Rule: the predicted caption is parsed with `parse_caption`; let P be its spec and T the scene's.
+      exact    - P's objects (colour, shape, count multiset) equal T's, and P's relation, if it
+                 states one, holds for the true objects (`relation_holds` on `sample.objects`);
+      shape    - P names exactly the set of shapes in the scene;
+      colour   - P names exactly the set of colours in the scene;
+      count    - P's total number of objects equals the scene's;
+      relation - only where the ground-truth caption states a relation (else None): P states a
+                 relation and it holds for the true objects.
+    An unparseable caption scores False on everything that is counted (relation stays None where
+    not counted). Also returns "parsed": bool.
+    """
+    truth = sample.spec
+    relation_counted = truth.relation is not None
+    try:
+        predicted = parse_caption(predicted_caption)
+    except CaptionParseError:
+        return {
+            "parsed": False,
+            "exact": False,
+            "shape": False,
+            "colour": False,
+            "count": False,
+            "relation": False if relation_counted else None,
+        }
+    predicted_relation_ok = predicted.relation is not None and relation_holds(
+        sample.objects, predicted.relation
+    )
+    return {
+        "parsed": True,
+        "exact": predicted.objects == truth.objects and (predicted.relation is None or predicted_relation_ok),
+        "shape": {e.shape for e in predicted.objects} == {e.shape for e in truth.objects},
+        "colour": {e.colour for e in predicted.objects} == {e.colour for e in truth.objects},
+        "count": predicted.num_objects == truth.num_objects,
+        "relation": predicted_relation_ok if relation_counted else None,
+    }
+
+
+def aggregate(records: Iterable[Mapping[str, Any]], key: str = "category") -> dict[str, Any]:
+    """Accuracies of every boolean field of `records`, per value of `key` and overall.
+
+    Metrics are the fields holding a bool, other than `key` and "heldout"; "correct" (from
+    `score_generated_image`) is reported as "accuracy". A record lacking a metric, or holding None
+    for it (e.g. "relation" outside position prompts), is not counted for that metric. Returns
+      {f"per_{key}": {value: {"n": records, metric: accuracy, ...}},   (values sorted)
+       "overall": {"n": records, metric: mean over the `key` values that count it, ...},
+       "heldout": {...}, "seen": {...}}   (the same as "overall", restricted to records whose
+                                           "heldout" is truthy / falsy; just {"n": 0} when empty)
+    "overall" weighs every `key` value (category) equally, GenEval's convention.
+    """
+    records = list(records)
+
+    def summarise(subset: list[Mapping[str, Any]]) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+        hits: dict[str, Counter[str]] = {}
+        totals: dict[str, Counter[str]] = {}
+        sizes: Counter[str] = Counter()
+        for record in subset:
+            group = str(record[key])
+            sizes[group] += 1
+            for field, value in record.items():
+                if isinstance(value, bool) and field not in (key, "heldout"):
+                    metric = "accuracy" if field == "correct" else field
+                    hits.setdefault(group, Counter())[metric] += value
+                    totals.setdefault(group, Counter())[metric] += 1
+        groups = {
+            group: {
+                "n": sizes[group],
+                **{m: hits[group][m] / t for m, t in sorted(totals.get(group, {}).items())},
+            }
+            for group in sorted(sizes)
+        }
+        overall: dict[str, Any] = {"n": len(subset)}
+        for metric in sorted({m for stats in groups.values() for m in stats if m != "n"}):
+            values = [stats[metric] for stats in groups.values() if metric in stats]
+            overall[metric] = sum(values) / len(values)
+        return groups, overall
+
+    groups, overall = summarise(records)
+    return {
+        f"per_{key}": groups,
+        "overall": overall,
+        "heldout": summarise([r for r in records if r.get("heldout")])[1],
+        "seen": summarise([r for r in records if not r.get("heldout")])[1],
+    }
