@@ -19,9 +19,13 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return (images.clamp(0, 1) * 255).round().to(torch.uint8)
 
 
-def describe_detections(image: torch.Tensor) -> str:
+def describe_detections(image: torch.Tensor, limit: int = 6) -> str:
+    """The detector's reading in words, e.g. "red circle, blue square" (at most ``limit`` objects named)."""
     objs = detect_objects(image)
-    return ", ".join(f"{o.colour} {o.shape}" for o in objs) or "nothing"
+    words = [f"{o.colour} {o.shape}" for o in objs[:limit]]
+    if len(objs) > limit:
+        words.append(f"... ({len(objs)} objects)")
+    return ", ".join(words) or "nothing"
 
 
 def run_geneval(gen, world: ShapesWorld, n_prompts: int, images_per_prompt: int, cfg_scale: float | None,
