@@ -1,0 +1,364 @@
+"""Sampler: batched prefill + static-KV-cache decoding, Chameleon's modality state machine, and CFG.
+
+One decode step = one model call on the previous token of every row + a handful of tensor ops; rows
+of a batch may sit in different modes at the same step. Per prompt, the state machine is one int
+``left`` (B,):
+
+- ``left == -1``  text mode: text ids, ``<eos>``, the stop ids and (``allow_images``) ``<boi>`` may be drawn;
+- ``left > 0``    image mode: only image-code ids, ``left`` codes to go;
+- ``left == 0``   the image is complete: ``<eoi>`` is forced, then text mode resumes.
+
+Drawing ``<boi>`` sets ``left = tokens_per_image``; every image code decrements it. A prompt that ends in
+``<boi>`` (text -> image) or inside an image starts in image mode. A row finishes at ``<eos>`` or a stop id
+(the finishing token is part of its output) and then emits ``<pad>`` while the other rows go on.
+
+Classifier-free guidance runs G = 2 or 3 rows per prompt in one batch, in blocks
+``[conditional | image-conditioned | unconditional]``. The guidance rows are built from the prompt:
+unconditional = ``<bos>`` (+ the prompt's open image, so ``<bos> caption <boi>`` gives ``<bos> <boi>``),
+image-conditioned = the prompt without its text (``<bos>``, ``<boi>``, codes, ``<eoi>`` only). The drawn token
+is fed to every row of its prompt, but guidance rows keep only image context: a generated text token is
+written with ``token_mask`` False (never attended to) and does not advance their positions. Guidance
+mixes the logits of image tokens only (:func:`~chameleon_lite.generation.logits.mix_guidance`); text is
+drawn from the conditional row, as in Chameleon.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from enum import IntEnum
+
+import torch
+from torch import Tensor
+
+from chameleon_lite.generation.logits import gumbel_noise, mask_top_k_top_p, mix_guidance, pick_tokens
+from chameleon_lite.model import ChameleonLM, KVCache
+from chameleon_lite.vocab import UnifiedVocab
+
+ALL_DONE_CHECK_EVERY = 16  # generate() reads "all rows finished?" back from the device every k steps
+
+# Internal mode index of a row, ``left.sign() + 1``: rows of `_Rules.bias` and of the per-mode parameters.
+_TEXT, _END_IMAGE, _IMAGE = 0, 1, 2
+
+
+class Mode(IntEnum):
+    """What produced a streamed token: text mode, image mode (codes and the closing ``<eoi>``), or
+    nothing (``DONE``: the row had finished before this step; its token is ``<pad>``)."""
+
+    TEXT = 0
+    IMAGE = 1
+    DONE = 2
+
+
+def _check_int(name: str, value: object, minimum: int, note: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}={value!r} must be an int >= {minimum}{note}")
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How to draw tokens. Temperature 0 = greedy for that modality; top_k 0 / top_p 1 = no filter.
+
+    - ``max_new_tokens``: upper bound per prompt; a row cut by it may end inside an image.
+    - ``allow_images``: whether ``<boi>`` may be drawn in text mode (an image the prompt opened is always
+      completed).
+    - ``stop_ids``: extra ids that finish a row (``<eos>`` always does). Text-mode ids may be drawn in text
+      mode; ``<eoi>`` is never drawn but forced, so ``stop_ids=(vocab.eoi_id,)`` stops after one image
+      (text -> image). Image-code ids and ``<pad>`` are refused.
+    - ``cfg_scale``: None = no guidance. A float s >= 0 runs an unconditional row beside each prompt and
+      draws image codes from ``u + s * (c - u)``; s = 1 draws exactly the unguided tokens (twice the work).
+    - ``cfg_image_scale``: with ``cfg_scale``, Chameleon's three-row guidance for prompts that contain images:
+      ``u + cfg_image_scale * (i - u) + cfg_scale * (c - i)``, i = the prompt's images without its text.
+    - ``seed``: seeds the sampler's own ``torch.Generator``; the global RNG is never touched.
+
+    Tasks by prompt: text completion ``<bos> text``; text -> image ``<bos> caption <boi>`` with
+    ``stop_ids=(eoi_id,)``; captioning ``<bos> <boi> codes <eoi>`` with ``allow_images=False``; interleaved
+    output: any prompt with ``allow_images=True``.
+    """
+
+    max_new_tokens: int = 256
+    text_temperature: float = 1.0
+    text_top_k: int = 0
+    text_top_p: float = 1.0
+    image_temperature: float = 1.0
+    image_top_k: int = 0
+    image_top_p: float = 1.0
+    allow_images: bool = True
+    stop_ids: tuple[int, ...] = ()
+    cfg_scale: float | None = None
+    cfg_image_scale: float | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_int("max_new_tokens", self.max_new_tokens, minimum=1)
+        for modality in ("text", "image"):
+            temperature = getattr(self, f"{modality}_temperature")
+            top_k, top_p = getattr(self, f"{modality}_top_k"), getattr(self, f"{modality}_top_p")
+            if not temperature >= 0:
+                raise ValueError(f"{modality}_temperature={temperature!r} must be >= 0 (0 = greedy)")
+            _check_int(f"{modality}_top_k", top_k, minimum=0, note=" (0 = no top-k)")
+            if not 0 < top_p <= 1:
+                raise ValueError(f"{modality}_top_p={top_p!r} must be in (0, 1] (1 = no top-p)")
+        for name in ("cfg_scale", "cfg_image_scale"):
+            scale = getattr(self, name)
+            if scale is not None and not scale >= 0:
+                raise ValueError(f"{name}={scale!r} must be >= 0 (or None for no guidance)")
+        if self.cfg_image_scale is not None and self.cfg_scale is None:
+            raise ValueError("cfg_image_scale needs cfg_scale: three-row guidance mixes both scales")
+        object.__setattr__(self, "stop_ids", tuple(int(i) for i in self.stop_ids))
+
+    @property
+    def guidance_rows(self) -> int:
+        """Model rows per prompt: 1 (no guidance), 2 (cond + uncond) or 3 (+ image-conditioned)."""
+        return 1 + (self.cfg_scale is not None) + (self.cfg_image_scale is not None)
+
+
+@dataclass(frozen=True)
+class StepEvent:
+    """One decode step, per prompt: the token drawn (``<pad>`` for finished rows), the mode it was drawn
+    in, and whether the row has finished (after this step)."""
+
+    step: int
+    tokens: list[int]
+    modes: list[Mode]
+    finished: list[bool]
+
+
+@dataclass
+class _Rules:
+    """What a `SamplingConfig` means for one call, as device tensors indexed by the mode index."""
+
+    bias: Tensor  # (3, V) float: 0 where the mode allows an id, -inf elsewhere
+    inv_temperature: Tensor  # (3,) float: 1 / T, 1 for greedy modes
+    sample: Tensor  # (3,) bool: draw (T > 0) rather than argmax
+    top_k: Tensor  # (3,) int64
+    top_p: Tensor  # (3,) float
+    stop: Tensor  # (V,) bool: ids that finish a row
+    image_context: Tensor  # (V,) bool: ids that guidance rows keep (<bos> <boi> <eoi> codes)
+    any_sample: bool
+    any_filter: bool
+
+
+@dataclass
+class _Decoding:
+    """Mutable state of one generate/stream call. B prompts, G rows per prompt, N = max_new_tokens."""
+
+    cfg: SamplingConfig
+    rules: _Rules
+    cache: KVCache
+    generator: torch.Generator
+    logits: Tensor  # (G*B, V) float32: next-token logits of every model row
+    positions: Tensor  # (G*B,) int64: RoPE position of the next token fed to each model row
+    left: Tensor  # (B,) int64: the modality state (module docstring)
+    done: Tensor  # (B,) bool
+    lengths: Tensor  # (B,) int64: tokens produced, the finishing one included
+    out: Tensor  # (B, N) int64, <pad> where nothing was produced
+
+
+class Sampler:
+    """Draws new tokens for token-id prompts from a `ChameleonLM` (see the module docstring).
+
+    ``tokens_per_image``: image codes between ``<boi>`` and ``<eoi>`` (the VQ grid size, e.g. 1024 for 512 px
+    at f=16). ``compile``: run the model's one-token decode call through ``torch.compile`` (dynamic shapes,
+    compiled on first use). Meant for GPUs: on CPU it measured slower than eager at the reference shape
+    (``benchmarks/bench_decode.py --compile``).
+    """
+
+    def __init__(self, model: ChameleonLM, vocab: UnifiedVocab, tokens_per_image: int, compile: bool = False):
+        if model.cfg.vocab_size != vocab.size:
+            raise ValueError(f"the model has vocab_size={model.cfg.vocab_size} but the vocab has size "
+                             f"{vocab.size} ({vocab.layout.describe()}): use the vocab the model was "
+                             "trained with")
+        _check_int("tokens_per_image", tokens_per_image, minimum=1)
+        self.model, self.vocab, self.tokens_per_image = model, vocab, tokens_per_image
+        self._decode_call = torch.compile(model, dynamic=True) if compile else model
+
+    # ----------------------------------------------------------------------------------- public API
+    def generate(self, prompts: Sequence[Sequence[int]], cfg: SamplingConfig) -> list[list[int]]:
+        """New token ids per prompt (prompt excluded, finishing ``<eos>``/stop id included, no padding)."""
+        run = self._prefill(prompts, cfg)
+        for step in range(cfg.max_new_tokens):
+            self._step(run, step)
+            if (step + 1) % ALL_DONE_CHECK_EVERY == 0 and bool(run.done.all()):
+                break
+        return [row[:n] for row, n in zip(run.out.tolist(), run.lengths.tolist())]
+
+    def stream(self, prompts: Sequence[Sequence[int]], cfg: SamplingConfig) -> Iterator[StepEvent]:
+        """Yield one `StepEvent` per decode step as soon as it is drawn, until every row has finished.
+
+        Same tokens as `generate` for the same arguments. Each event reads the step back to the host.
+        """
+        run = self._prefill(prompts, cfg)
+        for step in range(cfg.max_new_tokens):
+            tokens, mode_index, was_done = self._step(run, step)
+            modes = torch.where(was_done, Mode.DONE, (mode_index != _TEXT).long())
+            finished = run.done.tolist()
+            yield StepEvent(step, tokens.tolist(), [Mode(m) for m in modes.tolist()], finished)
+            if all(finished):
+                return
+
+    # ----------------------------------------------------------------------------------- prefill
+    @torch.inference_mode()
+    def _prefill(self, prompts: Sequence[Sequence[int]], cfg: SamplingConfig) -> _Decoding:
+        """Validate, left-pad all model rows, run the prompt through the model once, set up the state."""
+        cfg_model = self.model.cfg
+        if self.model.training and (cfg_model.attn_dropout or cfg_model.resid_dropout):
+            raise ValueError(f"the model is in training mode with dropout (attn_dropout="
+                             f"{cfg_model.attn_dropout}, resid_dropout={cfg_model.resid_dropout}): "
+                             "call model.eval() before sampling")
+        prompts = [self._check_prompt(i, prompt, cfg) for i, prompt in enumerate(prompts)]
+        if not prompts:
+            raise ValueError("prompts is empty: give at least one prompt (a list of token ids)")
+        self._check_stop_ids(cfg.stop_ids)
+        left = [self._initial_left(i, p) for i, p in enumerate(prompts)]
+        rows = list(prompts)  # guidance blocks: [conditional | image-conditioned | unconditional]
+        if cfg.cfg_image_scale is not None:
+            rows += [self._image_context_prompt(p) for p in prompts]
+        if cfg.cfg_scale is not None:
+            rows += [self._unconditional_prompt(p) for p in prompts]
+
+        device = next(self.model.parameters()).device
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.vocab.pad_id, dtype=torch.long)
+        token_mask = torch.zeros(len(rows), width, dtype=torch.bool)
+        lengths = torch.tensor([len(r) for r in rows])
+        for r, row in enumerate(rows):
+            ids[r, width - len(row):] = torch.tensor(row)
+            token_mask[r, width - len(row):] = True
+        positions = (torch.arange(width) - (width - lengths)[:, None]).clamp(min=0)  # (G*B, width)
+
+        cache = self.model.init_kv_cache(len(rows), width + cfg.max_new_tokens - 1, device=device)
+        logits = self.model(ids.to(device), positions=positions.to(device), kv_cache=cache,
+                            token_mask=token_mask.to(device), logits_to_keep=1)[:, -1].float()
+        generator = torch.Generator(device=device)
+        generator.manual_seed(cfg.seed)
+        n = len(prompts)
+        return _Decoding(
+            cfg=cfg, rules=self._rules(cfg, device, images_reachable=cfg.allow_images or max(left) >= 0),
+            cache=cache, generator=generator, logits=logits,
+            positions=lengths.to(device), left=torch.tensor(left, device=device),
+            done=torch.zeros(n, dtype=torch.bool, device=device),
+            lengths=torch.zeros(n, dtype=torch.long, device=device),
+            out=torch.full((n, cfg.max_new_tokens), self.vocab.pad_id, dtype=torch.long, device=device),
+        )
+
+    def _check_prompt(self, index: int, prompt: Sequence[int], cfg: SamplingConfig) -> list[int]:
+        ids = [int(t) for t in prompt]
+        limit = self.model.cfg.max_seq_len - cfg.max_new_tokens
+        if not ids:
+            raise ValueError(f"prompt {index} is empty: a prompt needs at least one token (usually <bos>)")
+        if len(ids) > limit:
+            raise ValueError(f"prompt {index} has {len(ids)} tokens, more than the limit {limit} = model "
+                             f"max_seq_len {self.model.cfg.max_seq_len} - max_new_tokens "
+                             f"{cfg.max_new_tokens}: shorten the prompt or lower max_new_tokens")
+        bad = [t for t in ids if not 0 <= t < self.vocab.size]
+        if bad:
+            raise ValueError(f"prompt {index} has ids {bad[:5]} outside the vocab [0, {self.vocab.size}) "
+                             f"({self.vocab.layout.describe()})")
+        return ids
+
+    def _check_stop_ids(self, stop_ids: tuple[int, ...]) -> None:
+        for i in stop_ids:
+            if not 0 <= i < self.vocab.size or i == self.vocab.pad_id or self.vocab.is_image_id(i):
+                raise ValueError(f"stop id {i} must be a non-image, non-<pad> id in [0, {self.vocab.size}): "
+                                 "image codes are drawn only inside an image, <pad> marks finished rows")
+
+    def _initial_left(self, index: int, prompt: list[int]) -> int:
+        """Modality state after the prompt: -1 (text) unless its last ``<boi>`` is still open."""
+        open_at = self._open_image_start(prompt)
+        if open_at is None:
+            return -1
+        codes = prompt[open_at + 1:]
+        if not all(self.vocab.is_image_id(t) for t in codes) or len(codes) > self.tokens_per_image:
+            raise ValueError(f"prompt {index} ends inside an image (<boi> at position {open_at}) but what "
+                             f"follows is not at most tokens_per_image={self.tokens_per_image} image codes")
+        return self.tokens_per_image - len(codes)
+
+    def _open_image_start(self, prompt: list[int]) -> int | None:
+        """Index of the prompt's last ``<boi>`` if no ``<eoi>`` follows it, else None."""
+        boi = max((i for i, t in enumerate(prompt) if t == self.vocab.boi_id), default=-1)
+        eoi = max((i for i, t in enumerate(prompt) if t == self.vocab.eoi_id), default=-1)
+        return boi if boi > eoi else None
+
+    def _image_context_prompt(self, prompt: list[int]) -> list[int]:
+        """The prompt without its text: ``<bos>``, ``<boi>``, ``<eoi>`` and image codes (never empty)."""
+        v = self.vocab
+        kept = [t for t in prompt if t in (v.bos_id, v.boi_id, v.eoi_id) or v.is_image_id(t)]
+        return kept or [v.bos_id]
+
+    def _unconditional_prompt(self, prompt: list[int]) -> list[int]:
+        """``<bos>`` plus the prompt's open image, if any (``<bos> caption <boi>`` -> ``<bos> <boi>``)."""
+        open_at = self._open_image_start(prompt)
+        return [self.vocab.bos_id] + (prompt[open_at:] if open_at is not None else [])
+
+    def _rules(self, cfg: SamplingConfig, device: torch.device, images_reachable: bool) -> _Rules:
+        """Tensors of `_Rules`. Without reachable image mode (no ``<boi>`` allowed, no open image), the image
+        parameters are never used: they must not switch on noise or filtering."""
+        v = self.vocab
+        text = v.text_mask(device)
+        text[[v.eos_id, *(i for i in cfg.stop_ids if i != v.eoi_id)]] = True
+        if cfg.allow_images:
+            text[v.boi_id] = True
+        end_image = torch.zeros_like(text)
+        end_image[v.eoi_id] = True
+        allowed = torch.stack([text, end_image, v.image_mask(device)])  # rows: _TEXT, _END_IMAGE, _IMAGE
+        bias = torch.zeros(allowed.shape, device=device).masked_fill_(~allowed, float("-inf"))
+        stop = torch.zeros_like(text)
+        stop[[v.eos_id, *cfg.stop_ids]] = True
+        image_context = v.image_mask(device)
+        image_context[[v.bos_id, v.boi_id, v.eoi_id]] = True
+        temperature = torch.tensor([cfg.text_temperature, 0.0, cfg.image_temperature], device=device)
+        top_k = torch.tensor([cfg.text_top_k, 0, cfg.image_top_k], device=device)
+        top_p = torch.tensor([cfg.text_top_p, 1.0, cfg.image_top_p], device=device)
+        used = [_TEXT, _IMAGE] if images_reachable else [_TEXT]
+        return _Rules(
+            bias=bias, inv_temperature=torch.where(temperature > 0, 1.0 / temperature, 1.0),
+            sample=temperature > 0, top_k=top_k, top_p=top_p, stop=stop, image_context=image_context,
+            any_sample=bool((temperature[used] > 0).any()),
+            any_filter=bool((top_k[used] > 0).any() or (top_p[used] < 1).any()),
+        )
+
+    # ----------------------------------------------------------------------------------- decode
+    @torch.inference_mode()
+    def _step(self, run: _Decoding, step: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Feed the previous step's tokens (step > 0), draw this step's, advance the state machine.
+
+        Returns the tokens (B,), the mode index each was drawn in (B,), and which rows had finished before.
+        """
+        if step > 0:
+            self._feed(run, run.out[:, step - 1])
+        rules, n = run.rules, run.left.shape[0]
+        mode = run.left.sign() + 1  # (B,) _TEXT / _END_IMAGE / _IMAGE
+        logits = run.logits[:n]
+        if run.cfg.guidance_rows > 1:
+            guided = mix_guidance(run.logits, run.cfg.cfg_scale, run.cfg.cfg_image_scale)
+            logits = torch.where((mode == _IMAGE)[:, None], guided, logits)
+        logits = logits + rules.bias[mode]  # (B, V), disallowed ids at -inf
+        if rules.any_sample:
+            logits = logits * rules.inv_temperature[mode][:, None]
+        if rules.any_filter:
+            logits = mask_top_k_top_p(logits, rules.top_k[mode], rules.top_p[mode])
+        noise = gumbel_noise(tuple(logits.shape), run.generator, logits.device) if rules.any_sample else None
+        tokens = pick_tokens(logits, rules.sample[mode], noise)
+
+        was_done = run.done
+        tokens = tokens.masked_fill(was_done, self.vocab.pad_id)
+        run.out[:, step] = tokens
+        run.lengths += ~was_done
+        run.done = was_done | rules.stop[tokens]
+        in_image = (run.left >= 0).long()
+        run.left = torch.where(tokens == self.vocab.boi_id, self.tokens_per_image, run.left - in_image)
+        return tokens, mode, was_done
+
+    def _feed(self, run: _Decoding, tokens: Tensor) -> None:
+        """One model call on ``tokens`` (B,) for all G*B rows; guidance rows keep only image context."""
+        g = run.cfg.guidance_rows
+        keep: Tensor | int = 1
+        if g > 1:
+            guidance_keep = run.rules.image_context[tokens].repeat(g - 1)
+            keep = torch.cat([torch.ones_like(tokens, dtype=torch.bool), guidance_keep])
+        logits = self._decode_call(tokens.repeat(g)[:, None], positions=run.positions[:, None],
+                                   kv_cache=run.cache, token_mask=None if g == 1 else keep[:, None],
+                                   logits_to_keep=1)
+        run.logits = logits[:, -1].float()
+        run.positions += keep

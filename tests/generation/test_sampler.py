@@ -1,0 +1,268 @@
+from dataclasses import replace
+
+import pytest
+import torch
+
+from chameleon_lite.generation import Mode, Sampler, SamplingConfig
+from chameleon_lite.model import ChameleonLM, ModelConfig
+from chameleon_lite.vocab import UnifiedVocab
+
+N_IMAGE_TOKENS = 4  # tokens_per_image of the tiny sampler
+
+
+@pytest.fixture(scope="module")
+def vocab():
+    # few text ids, so that <boi> (1 of ~23 text-mode ids) is drawn often by a random model
+    return UnifiedVocab(n_text=20, n_image=16, n_reserved=2)
+
+
+@pytest.fixture(scope="module")
+def model(vocab):
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=vocab.size, dim=64, n_layers=2, n_heads=4, max_seq_len=256, init_std=0.1)
+    return ChameleonLM(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def sampler(model, vocab):
+    return Sampler(model, vocab, tokens_per_image=N_IMAGE_TOKENS)
+
+
+@pytest.fixture(scope="module")
+def prompts(vocab):
+    text = vocab.text_to_ids([3, 1, 4, 1, 5, 9, 2, 6])
+    codes = vocab.image_to_ids([7, 0, 15, 3])
+    b = vocab.bos_id
+    return [
+        [b, *text],  # text completion
+        [b, *text[:3], vocab.boi_id],  # text -> image: starts in image mode
+        [b, vocab.boi_id, *codes, vocab.eoi_id],  # image -> caption
+        [b, *text[:2], vocab.boi_id, *codes[:2]],  # ends inside an image: 2 codes to go
+        [b],
+    ]
+
+
+def _image_code_counts(vocab, tokens, open_codes):
+    """Parse one output into images: the number of image ids between each <boi> and its <eoi>, and the
+    codes of a trailing unfinished image (None if the output ends in text). Fails on an image id outside
+    an image or any other id inside one. `open_codes`: codes of the image the prompt left open, or None."""
+    counts, inside = [], open_codes
+    for t in tokens:
+        if t == vocab.boi_id:
+            assert inside is None, "<boi> inside an image"
+            inside = 0
+        elif t == vocab.eoi_id:
+            assert inside is not None, "<eoi> in text mode"
+            counts.append(inside)
+            inside = None
+        elif vocab.is_image_id(t):
+            assert inside is not None, f"image id {t} in text mode"
+            inside += 1
+        else:
+            assert inside is None, f"non-image id {t} inside an image"
+    return counts, inside
+
+
+# ----------------------------------------------------------------------------------------- KV cache
+def _full_logits(model, ids):
+    return model(torch.tensor([ids]))[0, -1]
+
+
+@pytest.mark.parametrize("guidance", [{}, {"cfg_scale": 3.0}, {"cfg_scale": 3.0, "cfg_image_scale": 1.5}])
+def test_cached_decoding_matches_full_forward_for_every_model_row(sampler, model, vocab, prompts, guidance):
+    """White-box: after each decode step, the logits of every model row (conditional, image-conditioned,
+    unconditional; left-padded, fed through the static cache) equal a plain forward of that row's
+    sequence without cache. Guidance rows hold the prompt's guidance form + the generated image context
+    (generated text is dropped); their logits are only used (and checked) after an image-context token."""
+    cfg = SamplingConfig(max_new_tokens=40, seed=3, **guidance)
+    run = sampler._prefill(prompts, cfg)
+    n, checked, image_after_text = len(prompts), 0, 0
+    for step in range(cfg.max_new_tokens):
+        sampler._step(run, step)  # feeds the tokens of step - 1: run.logits now follow out[:, :step]
+        fed = run.out[:, :step].tolist()
+        for i, prompt in enumerate(prompts):
+            if vocab.pad_id in fed[i]:
+                continue  # finished row
+            rows = {0: prompt + fed[i]}
+            context = [t for t in fed[i] if vocab.is_image_id(t) or t in (vocab.boi_id, vocab.eoi_id)]
+            if step == 0 or (fed[i][-1:] == context[-1:] and cfg.guidance_rows > 1):
+                image_after_text += len(context) < len(fed[i])
+                if cfg.cfg_image_scale is not None:
+                    rows[1] = sampler._image_context_prompt(prompt) + context
+                if cfg.cfg_scale is not None:
+                    rows[cfg.guidance_rows - 1] = sampler._unconditional_prompt(prompt) + context
+            for block, ids in rows.items():
+                expected = _full_logits(model, ids)
+                torch.testing.assert_close(run.logits[block * n + i], expected, atol=1e-5, rtol=1e-5)
+                checked += 1
+    assert checked >= cfg.max_new_tokens
+    assert image_after_text > 0 or cfg.guidance_rows == 1  # an image was drawn after generated text
+
+
+# ----------------------------------------------------------------------------------------- batching
+@pytest.mark.parametrize("guidance", [{}, {"cfg_scale": 2.5}])
+def test_batched_generation_equals_one_by_one(sampler, prompts, guidance):
+    cfg = SamplingConfig(max_new_tokens=20, text_temperature=0.0, image_temperature=0.0, **guidance)
+    batched = sampler.generate(prompts, cfg)
+    assert batched == [sampler.generate([p], cfg)[0] for p in prompts]
+    assert all(len(out) == cfg.max_new_tokens or out[-1] == sampler.vocab.eos_id for out in batched)
+
+
+# ----------------------------------------------------------------------------------------- modality states
+def test_sampled_images_have_exactly_tokens_per_image_codes_and_text_has_none(sampler, model, vocab, prompts):
+    with torch.inference_mode():  # the constraint is really exercised: unmasked, image ids take a large share
+        probs = model(torch.tensor([prompts[0]]))[0, -1].softmax(-1)
+    assert probs[vocab.image_mask()].sum() > 0.2
+
+    batch = prompts * 4
+    cfg = SamplingConfig(max_new_tokens=120, seed=1)
+    open_codes = [None, 0, None, 2, None] * 4  # what each prompt leaves open
+    images = 0
+    for out, codes in zip(sampler.generate(batch, cfg), open_codes):
+        counts, unfinished = _image_code_counts(vocab, out, codes)
+        assert counts == [N_IMAGE_TOKENS] * len(counts)
+        assert unfinished is None or len(out) == cfg.max_new_tokens  # only max_new_tokens cuts an image
+        images += len(counts)
+    assert images >= 20  # many images were opened by a drawn <boi> and closed by the forced <eoi>
+
+
+def test_text_to_image_stops_after_one_image(sampler, vocab, prompts):
+    cfg = SamplingConfig(max_new_tokens=100, stop_ids=(vocab.eoi_id,), cfg_scale=3.0)
+    outs = sampler.generate([prompts[1], prompts[3]], cfg)
+    assert [len(o) for o in outs] == [N_IMAGE_TOKENS + 1, 2 + 1]
+    assert all(o[-1] == vocab.eoi_id and all(vocab.is_image_id(t) for t in o[:-1]) for o in outs)
+
+
+def test_captioning_without_images_draws_text_only(sampler, vocab, prompts):
+    outs = sampler.generate([prompts[2]] * 6, SamplingConfig(max_new_tokens=40, allow_images=False, seed=3))
+    for out in outs:
+        assert all(vocab.is_text_id(t) for t in out[:-1]) and (len(out) == 40 or out[-1] == vocab.eos_id)
+
+
+def test_stop_ids_finish_a_row_and_finished_rows_emit_pad_while_others_continue(sampler, vocab, prompts):
+    cfg = SamplingConfig(max_new_tokens=30, stop_ids=(vocab.eoi_id,), allow_images=False, seed=0)
+    events = list(sampler.stream([prompts[1], prompts[0]], cfg))
+    steps_row0 = N_IMAGE_TOKENS + 1
+    assert events[steps_row0 - 1].finished[0] and not events[steps_row0 - 2].finished[0]
+    later = events[steps_row0:]
+    assert later, "the text row must go on after the image row finished"
+    assert all(e.tokens[0] == vocab.pad_id and e.modes[0] is Mode.DONE for e in later)
+    assert all(e.modes[1] is Mode.TEXT for e in later)
+    assert [e.modes[0] for e in events[:steps_row0]] == [Mode.IMAGE] * steps_row0
+
+
+def test_stream_ends_when_every_row_finished(sampler, vocab, prompts):
+    cfg = SamplingConfig(max_new_tokens=100, stop_ids=(vocab.eoi_id,))
+    events = list(sampler.stream([prompts[1], prompts[1]], cfg))
+    assert len(events) == N_IMAGE_TOKENS + 1 and all(events[-1].finished)
+
+
+# ----------------------------------------------------------------------------------------- guidance
+@pytest.mark.parametrize("scales", [{"cfg_scale": 1.0}, {"cfg_scale": 1.0, "cfg_image_scale": 1.0}])
+def test_guidance_scale_one_draws_the_conditional_tokens(sampler, prompts, scales):
+    cfg = SamplingConfig(max_new_tokens=40, seed=11, image_top_k=6, text_top_p=0.9)
+    plain = sampler.generate(prompts, cfg)
+    guided = sampler.generate(prompts, replace(cfg, **scales))
+    assert guided == plain
+
+
+def test_guidance_changes_image_tokens(sampler, vocab, prompts):
+    cfg = SamplingConfig(max_new_tokens=N_IMAGE_TOKENS + 1, image_temperature=0.0, stop_ids=(vocab.eoi_id,))
+    t2i = [prompts[1], [vocab.bos_id, *vocab.text_to_ids([8, 8, 8]), vocab.boi_id]]
+    plain = sampler.generate(t2i, cfg)
+    guided = sampler.generate(t2i, replace(cfg, cfg_scale=8.0))
+    assert guided != plain
+    for out in guided:
+        assert len(out) == N_IMAGE_TOKENS + 1 and out[-1] == vocab.eoi_id
+
+
+# ----------------------------------------------------------------------------------------- streaming, seeds
+def test_stream_yields_the_tokens_of_generate(sampler, vocab, prompts):
+    cfg = SamplingConfig(max_new_tokens=50, seed=7, cfg_scale=2.0, text_top_k=5)
+    streamed = [[] for _ in prompts]
+    for event in sampler.stream(prompts, cfg):
+        for row, (token, mode) in enumerate(zip(event.tokens, event.modes)):
+            if mode is not Mode.DONE:
+                streamed[row].append(token)
+                assert (mode is Mode.IMAGE) == (vocab.is_image_id(token) or token == vocab.eoi_id)
+    assert streamed == sampler.generate(prompts, cfg)
+
+
+def test_same_seed_same_tokens_other_seed_other_tokens_global_rng_untouched(sampler, prompts):
+    rng = torch.get_rng_state()
+    first = sampler.generate(prompts, SamplingConfig(max_new_tokens=30, seed=123))
+    assert torch.equal(torch.get_rng_state(), rng)
+    torch.manual_seed(999)  # the global RNG plays no part
+    assert sampler.generate(prompts, SamplingConfig(max_new_tokens=30, seed=123)) == first
+    assert sampler.generate(prompts, SamplingConfig(max_new_tokens=30, seed=124)) != first
+
+
+def test_greedy_ignores_the_seed(sampler, prompts):
+    cfg = {"max_new_tokens": 20, "text_temperature": 0.0, "image_temperature": 0.0}
+    first = sampler.generate(prompts, SamplingConfig(seed=1, **cfg))
+    assert sampler.generate(prompts, SamplingConfig(seed=2, **cfg)) == first
+
+
+# ----------------------------------------------------------------------------------------- errors
+def test_prompt_longer_than_the_context_budget_names_index_length_and_limit(sampler, vocab):
+    long_prompt = [vocab.bos_id] + vocab.text_to_ids([1] * 199)
+    with pytest.raises(ValueError, match=r"prompt 1 has 200 tokens, more than the limit 156 = .*256 .*100"):
+        sampler.generate([[vocab.bos_id], long_prompt], SamplingConfig(max_new_tokens=100))
+
+
+@pytest.mark.parametrize(
+    ("prompts", "match"),
+    [
+        ([], "prompts is empty"),
+        ([[1], []], "prompt 1 is empty"),
+        ([[1, 10_000]], r"prompt 0 has ids \[10000\] outside the vocab"),
+        ([[1, -1]], r"prompt 0 has ids \[-1\] outside the vocab"),
+    ],
+)
+def test_bad_prompts_raise(sampler, prompts, match):
+    with pytest.raises(ValueError, match=match):
+        sampler.generate(prompts, SamplingConfig(max_new_tokens=4))
+
+
+def test_prompt_with_text_inside_an_open_image_raises(sampler, vocab):
+    bad = [vocab.bos_id, vocab.boi_id, *vocab.image_to_ids([1]), vocab.text_to_ids([2])[0]]
+    with pytest.raises(ValueError, match="prompt 0 ends inside an image"):
+        sampler.generate([bad], SamplingConfig(max_new_tokens=4))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"cfg_scale": -0.5}, "cfg_scale=-0.5 must be >= 0"),
+        ({"cfg_scale": 2.0, "cfg_image_scale": -1.0}, "cfg_image_scale=-1.0 must be >= 0"),
+        ({"cfg_image_scale": 1.5}, "cfg_image_scale needs cfg_scale"),
+        ({"max_new_tokens": 0}, "max_new_tokens=0"),
+        ({"text_temperature": -1.0}, "text_temperature"),
+        ({"image_top_p": 0.0}, "image_top_p"),
+        ({"image_top_k": -3}, "image_top_k"),
+    ],
+)
+def test_bad_sampling_configs_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SamplingConfig(**kwargs)
+
+
+def test_bad_stop_ids_and_mismatched_vocab_raise(sampler, model, vocab, prompts):
+    with pytest.raises(ValueError, match="stop id"):
+        sampler.generate(prompts, SamplingConfig(max_new_tokens=4, stop_ids=(vocab.image_offset,)))
+    with pytest.raises(ValueError, match="vocab_size"):
+        Sampler(model, UnifiedVocab(n_text=500, n_image=16), tokens_per_image=4)
+
+
+@pytest.mark.slow
+def test_compiled_decode_draws_the_eager_tokens(model, vocab, prompts):
+    cfg = SamplingConfig(max_new_tokens=12, seed=4, cfg_scale=2.0)
+    eager = Sampler(model, vocab, tokens_per_image=N_IMAGE_TOKENS).generate(prompts, cfg)
+    compiled = Sampler(model, vocab, tokens_per_image=N_IMAGE_TOKENS, compile=True)
+    assert compiled.generate(prompts, cfg) == eager
+
+
+def test_a_model_with_active_dropout_is_refused(vocab, prompts):
+    cfg = ModelConfig(vocab_size=vocab.size, dim=64, n_layers=1, n_heads=4, max_seq_len=64, resid_dropout=0.1)
+    with pytest.raises(ValueError, match=r"training mode with dropout .* model.eval\(\)"):
+        Sampler(ChameleonLM(cfg), vocab, tokens_per_image=4).generate(prompts, SamplingConfig())
