@@ -1,0 +1,47 @@
+"""`chameleon-export-hf`: write a trained checkpoint as a Hugging Face Chameleon directory.
+
+The language model is exported exactly (see `chameleon_lite.interop.hf`); the image encoder is not: this
+command does not load the VQ, and the export says so (warning, README.md, config.json). From Python,
+`export_hf(model, vocab, out, vq=...)` adds an HF-compatible VQ's encoder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from chameleon_lite.checkpoint import load_model
+from chameleon_lite.config import hydra_app, require, resolve_path
+from chameleon_lite.interop.hf import export_hf
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def export_checkpoint(cfg: DictConfig) -> Path:
+    """Export `cfg.ckpt` to `cfg.out` (the composed `export_hf` config); returns the output directory.
+
+    Raises `ConfigError` naming a missing or wrong key, `HFInteropError` for a model HF cannot represent.
+    """
+    ckpt = require(cfg, "ckpt", lambda v: isinstance(v, str) and v != "",
+                   "a .ckpt file or an exported model directory")
+    out = require(cfg, "out", lambda v: isinstance(v, str) and v != "", "an output directory")
+    dtype = require(cfg, "dtype", lambda v: v in DTYPES, f"one of {', '.join(DTYPES)}")
+    for key in ("drop_resid_dropout", "overwrite"):
+        require(cfg, key, lambda v: isinstance(v, bool), "true or false")
+    model, vocab, meta = load_model(resolve_path(ckpt))
+    out_dir = export_hf(model, vocab, resolve_path(out), drop_resid_dropout=cfg.drop_resid_dropout,
+                        dtype=DTYPES[dtype], overwrite=cfg.overwrite, source=str(ckpt),
+                        tokenizer_dir=meta.get("tokenizer_dir"))
+    print(f"wrote {out_dir} (load it with transformers.ChameleonForConditionalGeneration.from_pretrained)")
+    return out_dir
+
+
+@hydra_app("export_hf")
+def main(cfg: DictConfig) -> None:
+    export_checkpoint(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""`chameleon-export-hf` composed from the real conf/export_hf.yaml: a loadable HF directory, clear key errors."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+pytest.importorskip("transformers")
+from transformers import ChameleonForConditionalGeneration
+
+from chameleon_lite.checkpoint import export_weights
+from chameleon_lite.cli.export_hf import export_checkpoint
+from chameleon_lite.config import CONF_DIR, ConfigError
+from chameleon_lite.interop.hf import HFInteropError, import_hf
+from chameleon_lite.model import ChameleonLM, ModelConfig
+from chameleon_lite.vocab import UnifiedVocab
+
+
+def compose_export(*overrides: str):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="export_hf", overrides=list(overrides))
+
+
+@pytest.fixture
+def trained(tmp_path):
+    """An exported chameleon-lite model directory (model.safetensors + config.json)."""
+    vocab = UnifiedVocab(n_text=40, n_image=16, n_reserved=2, pad_to_multiple=8)
+    cfg = ModelConfig(vocab_size=vocab.size, dim=32, n_layers=2, n_heads=4, resid_dropout=0.1)
+    torch.manual_seed(0)
+    model = ChameleonLM(cfg).eval()
+    export_weights(SimpleNamespace(model=model, model_config=cfg, vocab=vocab), tmp_path / "model", tmp_path / "tok")
+    return model, tmp_path / "model"
+
+
+def test_cli_writes_a_directory_hf_loads(trained, tmp_path):
+    model, ckpt = trained
+    out = export_checkpoint(compose_export(f"ckpt={ckpt}", f"out={tmp_path / 'hf'}", "dtype=bfloat16",
+                                           "drop_resid_dropout=true"))
+    hf = ChameleonForConditionalGeneration.from_pretrained(out)
+    assert hf.dtype == torch.bfloat16
+    torch.testing.assert_close(hf.model.embed_tokens.weight, model.embed_tokens.weight.bfloat16(), atol=0, rtol=0)
+    assert {"config.json", "model.safetensors", "README.md"} <= {p.name for p in out.iterdir()}
+    back, _, meta = import_hf(out)  # fp32 model holding the bf16 weights; tokenizers found again
+    assert meta["tokenizer_dir"] == str((tmp_path / "tok").resolve())
+    assert torch.equal(back.lm_head.weight, model.lm_head.weight.bfloat16().float())
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ([], "config key 'ckpt'"),
+    (["ckpt=x"], "config key 'out'"),
+    (["ckpt=x", "out=y", "dtype=int8"], "config key 'dtype'"),
+])
+def test_cli_names_the_missing_or_wrong_key(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        export_checkpoint(compose_export(*overrides))
+
+
+def test_cli_refuses_an_unexportable_option_by_name(trained, tmp_path):
+    _, ckpt = trained
+    with pytest.raises(HFInteropError, match="model.resid_dropout=0.1.*drop_resid_dropout=true"):
+        export_checkpoint(compose_export(f"ckpt={ckpt}", f"out={tmp_path / 'hf'}"))
