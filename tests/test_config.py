@@ -19,8 +19,9 @@ def test_there_is_a_primary_config_per_console_script():
 
 @pytest.mark.parametrize("name", PRIMARY)
 def test_primary_config_composes(name):
-    cfg = compose_config(name, ["run_dir=/tmp/run"] if "run_dir" in compose_config(name) else [])
-    OmegaConf.resolve(cfg)  # every interpolation resolves (run_dir is Hydra's runtime output dir otherwise)
+    runtime_keys = [k for k in ("run_dir", "out_dir") if k in compose_config(name)]
+    cfg = compose_config(name, [f"{k}=/tmp/x" for k in runtime_keys])
+    OmegaConf.resolve(cfg)  # every interpolation resolves (run_dir/out_dir default to Hydra's runtime output dir)
 
 
 @pytest.mark.parametrize("group", ["model", "trainer", "data", "logger", "optim", "callbacks"])

@@ -17,6 +17,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from chameleon_lite.config import ConfigError
+from chameleon_lite.data.jsonl import JsonlCache, check_jsonl_config, load_or_build_jsonl_cache
 from chameleon_lite.data.packed_dataset import PackedDataset, ResumableDataLoader, ResumableRowSampler
 from chameleon_lite.data.sequences import Document, SequenceBuilder
 from chameleon_lite.data.token_cache import TokenCache, load_or_build_shapes_cache
@@ -64,8 +65,11 @@ class ChameleonDataModule(L.LightningDataModule):
         self.tokenizer: MultimodalTokenizer | None = None
         self.train_set: PackedDataset | None = None
         self.val_set: PackedDataset | None = None
+        self._loaded_caches: tuple[TokenCache | JsonlCache, TokenCache | JsonlCache] | None = None
         if data.source not in ("shapes", "jsonl"):
             raise ConfigError(f"data.source={data.source!r} is invalid: use 'shapes' or 'jsonl'")
+        if data.source == "jsonl":
+            check_jsonl_config(data)
         task_weights(data.tasks)
 
     # ------------------------------------------------------------------ Lightning hooks
@@ -80,8 +84,13 @@ class ChameleonDataModule(L.LightningDataModule):
         builder = tok.builder(self.cfg.loss_on)
         cfg = self.cfg
 
-        def packed(cache: TokenCache, shuffle: bool) -> PackedDataset:
-            return PackedDataset(lambda epoch: cache_documents(cache, builder, cfg.tasks, self.seed, epoch, shuffle),
+        def packed(cache: TokenCache | JsonlCache, shuffle: bool) -> PackedDataset:
+            def make_documents(epoch: int) -> list[Document]:
+                if isinstance(cache, JsonlCache):
+                    return cache.documents(builder, *task_weights(cfg.tasks), self.seed, epoch, shuffle)
+                return cache_documents(cache, builder, cfg.tasks, self.seed, epoch, shuffle)
+
+            return PackedDataset(make_documents,
                                  seq_len=cfg.seq_len, pad_id=tok.vocab.pad_id, overflow=cfg.overflow,
                                  lookahead=cfg.lookahead)
 
@@ -114,15 +123,20 @@ class ChameleonDataModule(L.LightningDataModule):
             self.tokenizer = MultimodalTokenizer.from_dir(self.tokenizer_dir)
         return self.tokenizer
 
-    def _caches(self, tok: MultimodalTokenizer) -> tuple[TokenCache, TokenCache]:
+    def _caches(self, tok: MultimodalTokenizer) -> tuple[TokenCache | JsonlCache, TokenCache | JsonlCache]:
+        """(train, val) caches, loaded once per process: ``prepare_data`` and ``setup`` both ask for them,
+        and loading a JSONL source twice would count its skipped records twice."""
+        if self._loaded_caches is None:
+            self._loaded_caches = self._load_caches(tok)
+        return self._loaded_caches
+
+    def _load_caches(self, tok: MultimodalTokenizer) -> tuple[TokenCache | JsonlCache, TokenCache | JsonlCache]:
         cfg = self.cfg
         if cfg.source == "shapes":
             common = dict(cache_dir=Path(cfg.cache_dir), vq_dir=self.tokenizer_dir, image_tokenizer=tok.image,
                           seed=cfg.seed, image_size=cfg.image_size, holdout_pairs=cfg.holdout_pairs)
             return (load_or_build_shapes_cache(split="train", n=cfg.n_train, **common),
                     load_or_build_shapes_cache(split="val", n=cfg.n_val, **common))
-        from chameleon_lite.data.jsonl import load_or_build_jsonl_cache
-
         train = load_or_build_jsonl_cache(cfg, cfg.train_path, tok, self.tokenizer_dir, self.skipped)
         val = (load_or_build_jsonl_cache(cfg, cfg.val_path, tok, self.tokenizer_dir, self.skipped)
                if cfg.val_path else train)

@@ -82,9 +82,16 @@ class ResumableRowSampler(Sampler):
 
 
 class ResumableDataLoader(DataLoader):
-    """A DataLoader over a :class:`ResumableRowSampler` whose position is saved in checkpoints."""
+    """A DataLoader over a :class:`ResumableRowSampler` whose position is saved in checkpoints.
+
+    It draws its worker seed from a private generator: a DataLoader otherwise takes one number
+    from the global torch RNG each time an iterator starts (every epoch, every validation, and
+    once more after a resume), which would shift the dropout stream of a resumed run against an
+    uninterrupted one. The rows themselves never depend on any RNG.
+    """
 
     def __init__(self, dataset: PackedDataset, sampler: ResumableRowSampler, batch_size: int, **kwargs):
+        kwargs.setdefault("generator", torch.Generator())
         super().__init__(dataset, batch_size=batch_size, sampler=sampler, drop_last=True, **kwargs)
         self._batches = 0
 

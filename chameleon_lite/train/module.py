@@ -89,7 +89,22 @@ class ChameleonLightningModule(L.LightningModule):
         return metrics
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Any]:
-        return self._shared_step(batch, "train")
+        out = self._shared_step(batch, "train")
+        if self.trainer.world_size > 1:
+            out["loss"] = self._global_token_share(out["loss"], out["n_tokens"])
+        return out
+
+    def _global_token_share(self, loss: Tensor, n_tokens: Tensor) -> Tensor:
+        """This rank's mean ``loss`` over its ``n_tokens`` loss tokens, rescaled by world * n_tokens / n_global.
+
+        DDP averages gradients over ranks, which weights every rank's mean equally however many loss
+        tokens it holds; packed rows (and ``loss_on=completion``) give ranks different counts, and
+        the update would then differ from one process over the same rows. After the rescale the
+        averaged gradient is that of the mean over all loss tokens of the global batch. The logged
+        ``train/*`` values stay this rank's own means.
+        """
+        n_global = self.trainer.strategy.reduce(n_tokens.detach().clone().float(), reduce_op="sum")
+        return loss * (n_tokens * self.trainer.world_size / n_global)
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         self._shared_step(batch, "val")

@@ -9,6 +9,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from chameleon_lite.config import ConfigError
+from chameleon_lite.train.checkpoint_io import AtomicCheckpointIO
 
 
 def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
@@ -37,7 +38,10 @@ def build_trainer(cfg: DictConfig, **overrides: Any) -> L.Trainer:
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     if not isinstance(trainer_cfg, dict) or trainer_cfg.pop("_target_", None) != "lightning.Trainer":
         raise ConfigError("trainer config must be a lightning.Trainer node (conf/trainer/*.yaml)")
-    trainer_cfg["strategy"] = build_strategy(trainer_cfg.get("strategy", "auto"))
+    strategy = trainer_cfg.get("strategy", "auto")
+    trainer_cfg["strategy"] = build_strategy(strategy)
+    if strategy != "fsdp":  # FSDP writes sharded checkpoints through its own IO
+        trainer_cfg.setdefault("plugins", []).append(AtomicCheckpointIO())
     trainer_cfg.update(overrides)
     try:
         return L.Trainer(callbacks=build_callbacks(cfg), logger=build_loggers(cfg) or False, **trainer_cfg)

@@ -1,0 +1,398 @@
+"""JSONL data source: your own captioned images and interleaved image-text documents.
+
+One JSON object per line (blank lines are ignored); relative image paths are relative to the JSONL
+file's folder::
+
+    {"image": "img/0001.jpg", "text": "a red circle left of a blue square"}
+    {"segments": [{"type": "text", "text": "Step 1:"}, {"type": "image", "path": "img/s1.png"}, ...]}
+
+An ``image`` + ``text`` record becomes one text->image or image->text document per epoch, its task
+drawn from ``data.tasks`` as for the shapes world; a ``segments`` record becomes one interleaved
+document in its own order (every segment is a loss target).
+
+Images are VQ-encoded once. Their codes live in a content-addressed store in ``data.cache_dir``,
+one file per image tokenizer (keyed by the digests of ``vq.safetensors`` and ``vq.yaml``) holding
+one row per distinct image *file content*: editing the JSONL, adding or renaming files encodes
+only contents the store has not seen, and a retrained VQ starts a new store. The store is a single
+safetensors file (codes + the content digests in its metadata) replaced atomically, so a crash or
+two processes building it at once never leave codes and index out of step. Unreadable images are
+not stored: they are checked (and reported) again on every start, so a fixed file is picked up.
+
+Bad records never stop a run by default: each is counted under its reason in the ``skipped``
+Counter handed in by the data module (which reports it at every epoch end) and logged with its
+``file:line``. With ``data.strict=true`` the first one raises :class:`JsonlRecordError` naming the
+file, the line and the fix.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from chameleon_lite.config import ConfigError, resolve_path
+from chameleon_lite.data.sequences import Document, ImageSegment, SequenceBuilder, TextSegment
+from chameleon_lite.data.token_cache import cache_key, file_digest
+from chameleon_lite.files import atomic_path
+from chameleon_lite.multimodal_tokenizer import MultimodalTokenizer
+from chameleon_lite.vq.image_io import ImageLoadError, load_image
+
+log = logging.getLogger(__name__)
+
+# Skip reasons: the keys this source adds to ``ChameleonDataModule.skipped``.
+REASON_NOT_UTF8 = "text is not valid UTF-8"
+REASON_BAD_JSON = "malformed JSON line"
+REASON_BAD_RECORD = "malformed record (expected image+text or segments)"
+REASON_UNKNOWN_SEGMENT = "unknown segment type"
+REASON_EMPTY_TEXT = "empty text"
+REASON_MISSING_IMAGE = "image file missing"
+REASON_TOO_LONG = "document longer than seq_len (data.overflow=reject)"
+REASON_BAD_IMAGE = "unreadable image"
+#: ImageLoadError message fragments (chameleon_lite.vq.image_io) -> a finer reason than REASON_BAD_IMAGE.
+IMAGE_REASONS: tuple[tuple[str, str], ...] = (
+    ("file is empty", "image file is empty (0 bytes)"),
+    ("exceeds max_pixels", "image above data.max_pixels"),
+    ("smaller than min_side", "image below data.min_side"),
+    ("corrupt or truncated", "image data corrupt or truncated"),
+    ("not a readable image", "not a readable image file"),
+)
+MAX_LOGGED_SKIPS = 20  # per JSONL file, skipped records are logged one by one up to here, then only counted
+ENCODE_BATCH = 64
+STRICT_HINT = "(data.strict=true stops at the first bad record; data.strict=false skips and counts them)"
+
+Part = tuple[str, str | int]  # ("text", text) or ("image", row of JsonlCache.codes)
+
+
+class JsonlRecordError(ValueError):
+    """A bad record under ``data.strict=true``: the message names ``file:line``, the problem and the fix."""
+
+
+class JsonlCacheError(ValueError):
+    """The image-code store on disk does not fit the image tokenizer; the message names the file."""
+
+
+@dataclass(frozen=True)
+class JsonlRecord:
+    """One usable record: ``where`` is ``file:line``; a ``paired`` record's parts are ``(image, text)``."""
+
+    where: str
+    parts: tuple[Part, ...]
+    paired: bool
+
+
+@dataclass
+class JsonlCache:
+    """``codes`` (n_images, tokens_per_image) int64 VQ indices of the distinct images the ``records`` use."""
+
+    codes: Tensor
+    records: list[JsonlRecord]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def documents(self, builder: SequenceBuilder, task_names: list[str], task_p: np.ndarray, seed: int,
+                  epoch: int, shuffle: bool = True) -> list[Document]:
+        """One document per record; pairs draw their task from ``task_names`` with probabilities ``task_p``.
+
+        Order and tasks are a pure function of ``(seed, epoch)`` (as for the shapes world), so every
+        process and every resumed run sees the same documents.
+        """
+        rng = np.random.default_rng([seed, epoch])
+        order = rng.permutation(len(self.records)) if shuffle else np.arange(len(self.records))
+        choice = rng.choice(len(task_names), size=len(self.records), p=task_p)
+        docs = []
+        for i, t in zip(order.tolist(), choice.tolist()):
+            record = self.records[i]
+            if record.paired:
+                (_, image), (_, text) = record.parts
+                docs.append(builder.text_to_image(text, self.codes[image]) if task_names[t] == "t2i"
+                            else builder.image_to_text(self.codes[image], text))
+            else:
+                docs.append(builder.document([TextSegment(v) if kind == "text" else ImageSegment(self.codes[v])
+                                              for kind, v in record.parts]))
+        return docs
+
+
+@dataclass
+class _SkipReport:
+    """Counts (or, strict, raises for) bad records; logs the first ``MAX_LOGGED_SKIPS`` with file:line."""
+
+    skipped: Counter
+    strict: bool
+    logged: int = 0
+
+    def __call__(self, where: str, reason: str, detail: str, fix: str) -> None:
+        if self.strict:
+            raise JsonlRecordError(f"{where}: {detail}; {fix} {STRICT_HINT}")
+        self.skipped[reason] += 1
+        self.logged += 1
+        if self.logged <= MAX_LOGGED_SKIPS:
+            log.warning("skipping record %s: %s", where, detail)
+        elif self.logged == MAX_LOGGED_SKIPS + 1:
+            log.warning("more skipped records are counted but not logged (see the per-epoch summary)")
+
+
+@dataclass
+class _Pending:
+    """A parsed record whose images (resolved paths) are not encoded yet."""
+
+    where: str
+    parts: list[tuple[str, str | Path]]
+    paired: bool
+    digests: list[str] = field(default_factory=list)
+
+
+def check_jsonl_config(data: DictConfig) -> None:
+    """Raise :class:`ConfigError` naming the key if ``data=jsonl`` lacks what it needs."""
+    path = OmegaConf.select(data, "train_path", throw_on_missing=False)
+    if not isinstance(path, str) or not path:
+        raise ConfigError("config key 'data.train_path' is required with data=jsonl: give the training file, "
+                          "e.g. data.train_path=data/train.jsonl")
+    for key in ("max_pixels", "min_side"):
+        value = OmegaConf.select(data, key, throw_on_missing=False)
+        if not isinstance(value, int) or value < 1:
+            raise ConfigError(f"config key 'data.{key}' = {value!r} is invalid: expected a positive int")
+
+
+def load_or_build_jsonl_cache(cfg: DictConfig, path: str | Path, tok: MultimodalTokenizer,
+                              tokenizer_dir: str | Path, skipped: Counter) -> JsonlCache:
+    """Parse the JSONL file at ``path``, VQ-encode the images the store lacks, return the usable records.
+
+    ``cfg`` is the ``data`` config (``strict``, ``max_pixels``, ``min_side``, ``seq_len``,
+    ``overflow``, ``loss_on``, ``cache_dir``). Bad records are counted into ``skipped`` by reason (or
+    raise :class:`JsonlRecordError` with ``cfg.strict``). Raises ``FileNotFoundError`` for a missing
+    file and ``ValueError`` if no record is usable.
+    """
+    source = resolve_path(path)
+    if not source.is_file():
+        raise FileNotFoundError(f"JSONL data file {source} does not exist; fix data.train_path / data.val_path")
+    report = _SkipReport(skipped, bool(cfg.strict))
+    before = sum(skipped.values())
+    pending = [p for p in (_parse_line(source, number, raw, report)
+                           for number, raw in enumerate(source.read_bytes().splitlines(), start=1)) if p]
+    store_path = _store_path(Path(cfg.cache_dir), Path(tokenizer_dir))
+    digests, codes = _read_store(store_path, tok)
+    _hash_images(pending, report)
+    new_digests, new_codes = _encode_missing(pending, set(digests), tok, cfg, report)
+    if new_digests:
+        digests, codes = digests + new_digests, torch.cat([codes, new_codes])
+        _write_store(store_path, digests, codes)
+        log.info("image-code store %s: encoded %d new images (%d in total)", store_path, len(new_digests),
+                 len(digests))
+    cache = _assemble(pending, dict(zip(digests, range(len(digests)))), codes, tok, cfg, report)
+    n_skipped = sum(skipped.values()) - before
+    if not cache.records:
+        raise ValueError(f"{source}: no usable records ({n_skipped} skipped: "
+                         f"{dict(skipped)}); fix the file (see the warnings above)")
+    log.info("%s: %d records (%d skipped), %d distinct images", source, len(cache), n_skipped, len(cache.codes))
+    return cache
+
+
+# ---------------------------------------------------------------------------------------- parsing
+def _parse_line(source: Path, number: int, raw: bytes, report: _SkipReport) -> _Pending | None:
+    """One line -> a pending record, or None (blank line, or a bad record that ``report`` counted)."""
+    where = f"{source}:{number}"
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        report(where, REASON_NOT_UTF8, f"line is not valid UTF-8 ({err.reason} at byte {err.start})",
+               "re-encode the file as UTF-8")
+        return None
+    if not line.strip():
+        return None
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        report(where, REASON_BAD_JSON, f"not valid JSON ({err.msg} at column {err.colno})",
+               "fix or remove the line (one JSON object per line)")
+        return None
+    if isinstance(record, dict) and "segments" in record:
+        return _parse_segments(where, source.parent, record["segments"], report)
+    if isinstance(record, dict) and isinstance(record.get("image"), str) and isinstance(record.get("text"), str):
+        text = _check_text(where, record["text"], report)
+        if text is None:
+            return None
+        return _Pending(where, [("image", _resolve(source.parent, record["image"])), ("text", text)], paired=True)
+    report(where, REASON_BAD_RECORD, f"record {line.strip()[:80]!r} is neither an image+text pair nor a "
+           "segments document", 'write {"image": path, "text": caption} or {"segments": [...]}')
+    return None
+
+
+def _parse_segments(where: str, folder: Path, segments: object, report: _SkipReport) -> _Pending | None:
+    if not isinstance(segments, list) or not segments:
+        report(where, REASON_BAD_RECORD, "'segments' must be a non-empty list",
+               'write {"segments": [{"type": "text", "text": ...}, {"type": "image", "path": ...}]}')
+        return None
+    parts: list[tuple[str, str | Path]] = []
+    for k, seg in enumerate(segments):
+        kind = seg.get("type") if isinstance(seg, dict) else None
+        if kind == "text" and isinstance(seg.get("text"), str):
+            text = _check_text(f"{where} (segment {k})", seg["text"], report)
+            if text is None:
+                return None
+            parts.append(("text", text))
+        elif kind == "image" and isinstance(seg.get("path"), str):
+            parts.append(("image", _resolve(folder, seg["path"])))
+        elif kind in ("text", "image"):
+            field_name = "text" if kind == "text" else "path"
+            report(where, REASON_BAD_RECORD, f"segment {k} of type {kind!r} has no string {field_name!r}",
+                   f"give each {kind} segment a {field_name!r} string")
+            return None
+        else:
+            report(where, REASON_UNKNOWN_SEGMENT, f"segment {k} has unknown type {kind!r}",
+                   "use segment types 'text' and 'image' only")
+            return None
+    return _Pending(where, parts, paired=False)
+
+
+def _check_text(where: str, text: str, report: _SkipReport) -> str | None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        report(where, REASON_NOT_UTF8, "text contains an unpaired surrogate escape (not valid Unicode)",
+               "fix the text's \\u escapes")
+        return None
+    if not text.strip():
+        report(where, REASON_EMPTY_TEXT, "text is empty", "give the record a non-empty text or remove it")
+        return None
+    return text
+
+
+def _resolve(folder: Path, path: str) -> Path:
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else folder / p
+
+
+# ---------------------------------------------------------------------------------------- images
+def _hash_images(pending: list[_Pending], report: _SkipReport) -> None:
+    """Fill ``digests`` (content sha256) of every record's images; records with a missing file are dropped."""
+    seen: dict[Path, str] = {}
+    keep = []
+    for record in pending:
+        for kind, value in record.parts:
+            if kind != "image":
+                continue
+            if value not in seen:
+                if not value.is_file():
+                    report(record.where, REASON_MISSING_IMAGE, f"image file not found: {value}",
+                           "fix the path (relative paths are relative to the JSONL file's folder) or remove "
+                           "the record")
+                    break
+                seen[value] = file_digest(value)
+            record.digests.append(seen[value])
+        else:
+            keep.append(record)
+    pending[:] = keep
+
+
+def _encode_missing(pending: list[_Pending], known: set[str], tok: MultimodalTokenizer, cfg: DictConfig,
+                    report: _SkipReport) -> tuple[list[str], Tensor]:
+    """Load + VQ-encode every image content not in ``known``, ``ENCODE_BATCH`` files at a time.
+
+    Returns the new (digests, int32 codes); records with an unloadable image are dropped (reported).
+    """
+    todo: dict[str, tuple[Path, str]] = {}  # digest -> (path, file:line) of its first use
+    for record in pending:
+        paths = [value for kind, value in record.parts if kind == "image"]
+        for digest, image_path in zip(record.digests, paths):
+            if digest not in known:
+                todo.setdefault(digest, (image_path, record.where))
+    items = list(todo.items())
+    fix = "or drop the record from the JSONL file"
+    failed: dict[str, tuple[str, str]] = {}  # digest -> (reason, message)
+    digests, codes = [], []
+    for start in tqdm(range(0, len(items), ENCODE_BATCH), desc=f"VQ-encoding {len(items)} images", unit="batch",
+                      disable=not items):
+        loaded = []
+        for digest, (image_path, where) in items[start:start + ENCODE_BATCH]:
+            try:
+                loaded.append((digest, load_image(image_path, max_pixels=cfg.max_pixels, min_side=cfg.min_side)))
+            except ImageLoadError as err:
+                failed[digest] = (_image_reason(str(err)), str(err))
+                if report.strict:
+                    report(where, *failed[digest], fix)  # raises now rather than after encoding the rest
+        if loaded:
+            with torch.inference_mode():
+                codes.append(tok.encode_images([image for _, image in loaded]).to(torch.int32))
+            digests.extend(d for d, _ in loaded)
+    keep = []
+    for record in pending:
+        bad = next((failed[d] for d in record.digests if d in failed), None)
+        if bad is None:
+            keep.append(record)
+        else:
+            report(record.where, *bad, fix)
+    pending[:] = keep
+    return digests, torch.cat(codes) if codes else torch.empty(0, tok.tokens_per_image, dtype=torch.int32)
+
+
+def _image_reason(message: str) -> str:
+    return next((reason for fragment, reason in IMAGE_REASONS if fragment in message), REASON_BAD_IMAGE)
+
+
+# ---------------------------------------------------------------------------------------- store
+def _store_path(cache_dir: Path, tokenizer_dir: Path) -> Path:
+    settings = {"source": "jsonl-images", "vq": file_digest(tokenizer_dir / "vq.safetensors"),
+                "vq_config": file_digest(tokenizer_dir / "vq.yaml")}
+    return cache_dir / f"jsonl-images-{cache_key(settings)}.safetensors"
+
+
+def _read_store(path: Path, tok: MultimodalTokenizer) -> tuple[list[str], Tensor]:
+    """The store's (digests, int32 codes (n, tokens_per_image)); empty if it does not exist yet."""
+    tpi = tok.tokens_per_image
+    if not path.is_file():
+        return [], torch.empty(0, tpi, dtype=torch.int32)
+    fix = "delete the file to rebuild it"
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            digests = json.loads((f.metadata() or {}).get("digests", "null"))
+            codes = f.get_tensor("codes")
+    except (SafetensorError, OSError, json.JSONDecodeError) as err:
+        raise JsonlCacheError(f"{path}: unreadable image-code store ({err}); {fix}") from None
+    if not isinstance(digests, list) or codes.ndim != 2 or len(digests) != codes.shape[0]:
+        raise JsonlCacheError(f"{path}: image-code store index and codes disagree; {fix}")
+    if codes.shape[1] != tpi:
+        raise JsonlCacheError(f"{path}: stored images have {codes.shape[1]} codes but the image tokenizer makes "
+                              f"{tpi}; {fix}")
+    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= tok.vocab.n_image):
+        raise JsonlCacheError(f"{path}: stored codes span [{int(codes.min())}, {int(codes.max())}], outside the "
+                              f"codebook [0, {tok.vocab.n_image}) of the configured tokenizers; {fix}")
+    return digests, codes
+
+
+def _write_store(path: Path, digests: list[str], codes: Tensor) -> None:
+    with atomic_path(path) as tmp:
+        save_file({"codes": codes.contiguous()}, str(tmp), metadata={"digests": json.dumps(digests)})
+
+
+# ---------------------------------------------------------------------------------------- records
+def _assemble(pending: list[_Pending], rows: dict[str, int], store_codes: Tensor, tok: MultimodalTokenizer,
+              cfg: DictConfig, report: _SkipReport) -> JsonlCache:
+    """Pending records -> a JsonlCache holding only the images they use; applies ``data.overflow=reject``."""
+    builder = tok.builder(cfg.loss_on)
+    image_len = tok.tokens_per_image + 2  # <boi> codes <eoi>
+    used: dict[int, int] = {}  # store row -> cache row
+    records = []
+    for record in pending:
+        length = 2 + sum(len(builder.text_ids(v)) if kind == "text" else image_len for kind, v in record.parts)
+        if cfg.overflow == "reject" and length > cfg.seq_len:
+            report(record.where, REASON_TOO_LONG, f"document of {length} tokens is longer than "
+                   f"data.seq_len={cfg.seq_len}", "raise data.seq_len, set data.overflow=split, or shorten it")
+            continue
+        digests = iter(record.digests)
+        parts = tuple(("text", v) if kind == "text" else ("image", used.setdefault(rows[next(digests)], len(used)))
+                      for kind, v in record.parts)
+        records.append(JsonlRecord(record.where, parts, record.paired))
+    order = sorted(used, key=used.get)
+    codes = store_codes[order].long() if order else torch.empty(0, tok.tokens_per_image, dtype=torch.long)
+    return JsonlCache(codes, records)
