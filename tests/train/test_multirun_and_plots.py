@@ -1,0 +1,41 @@
+import subprocess
+import sys
+
+import pytest
+
+from chameleon_lite.cli.plot_runs import find_runs, main as plot_main
+from conftest import TINY_TRAIN
+
+
+@pytest.mark.slow
+def test_two_job_cpu_multirun(tmp_path):
+    sweep = tmp_path / "sweep"
+    overrides = [o for o in TINY_TRAIN if not o.startswith("trainer.max_steps")]
+    proc = subprocess.run([sys.executable, "-m", "chameleon_lite.cli.train", "-m", "optim.lr=1e-3,3e-3",
+                           *overrides, "trainer.max_steps=2", "callbacks.loss_curve=null", "export_weights=false",
+                           f"data.cache_dir={tmp_path / 'cache'}", f"hydra.sweep.dir={sweep}"],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = find_runs([sweep])
+    assert len(runs) == 2
+    out = plot_main([str(sweep), "--out", str(tmp_path / "runs.png")])
+    assert out.is_file() and out.stat().st_size > 1000
+
+
+def test_ablation_overlay_defines_the_four_runs():
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from chameleon_lite.config import CONF_DIR
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", ["experiment=ablation_qknorm", "run_dir=/tmp/x"], return_hydra_config=True)
+    assert cfg.optim.lr >= 1e-2
+    params = cfg.hydra.sweeper.params
+    assert str(params["model.qk_norm"]) == "true,false" and str(params["optim.z_loss"]).endswith(",0.0")
+
+
+def test_plot_runs_without_logs_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match="no logs/metrics.csv"):
+        plot_main([str(tmp_path)])
