@@ -27,8 +27,10 @@ venv: $(VENV)/.base-installed
 demo: $(VENV)/.base-installed
 	$(BIN)/python -m chameleon_lite.cli.demo out_dir=$(DEMO_DIR)
 
+# One OpenMP thread per process: the suite runs many tiny models and 2-process DDP tests, where
+# threads only add synchronisation; each test process stays on one core.
 test: $(VENV)/.dev-installed
-	$(BIN)/python -m pytest -q --durations=15
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q --durations=15
 
 lint: $(VENV)/.dev-installed
 	$(BIN)/ruff check chameleon_lite tests benchmarks

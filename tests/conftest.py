@@ -35,3 +35,17 @@ def tiny_train_cfg(tmp_path):
                                         f"data.cache_dir={tmp_path / 'cache'}", *extra])
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A tiny model trained for a few seconds on the shapes world (shipped tokenizers): the fixture
+    of the generation, evaluation and notebook tests (not the 30-minute model)."""
+    from chameleon_lite.cli.train import train
+
+    root = tmp_path_factory.mktemp("tiny_ckpt")
+    cfg = compose_config("train", [*TINY_TRAIN, "trainer.max_steps=20", "trainer.val_check_interval=20",
+                                   f"run_dir={root / 'run'}", f"data.cache_dir={root / 'cache'}",
+                                   "callbacks.loss_curve=null", "callbacks.checkpoint.every_n_train_steps=20"])
+    train(cfg)
+    return root / "run" / "checkpoints" / "last.ckpt"
