@@ -1,0 +1,72 @@
+"""VQ evaluation: SSIM matches scikit-image, PSNR, evaluate_vq on shapes, photos, run_vq_eval files."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from skimage.metrics import structural_similarity
+
+from chameleon_lite.data.shapes import ShapesWorld
+from chameleon_lite.eval.vq_metrics import evaluate_vq, photo_crops, photo_psnr, psnr, run_vq_eval, ssim
+from chameleon_lite.vq import ImageTokenizer, VQConfig
+from chameleon_lite.vq.model import VQModel
+
+TINY = VQConfig(image_size=32, base_channels=16, channel_multipliers=(1, 2, 2), num_res_blocks=1,
+                latent_channels=16, norm_groups=8, codebook_size=32, embed_dim=4)
+
+
+@pytest.fixture(scope="module")
+def tok() -> ImageTokenizer:
+    torch.manual_seed(0)
+    return ImageTokenizer(VQModel(TINY))
+
+
+def test_ssim_matches_scikit_image():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 40, 36, generator=g)
+    y = (x + 0.1 * torch.randn(2, 3, 40, 36, generator=g)).clamp(0, 1)
+    ours = ssim(x, y)
+    for i in range(2):
+        ref = structural_similarity(x[i].numpy().astype(np.float64), y[i].numpy().astype(np.float64), channel_axis=0,
+                                    data_range=1.0, gaussian_weights=True, sigma=1.5, use_sample_covariance=False)
+        assert abs(float(ours[i]) - ref) < 1e-4
+    assert torch.allclose(ssim(x, x), torch.ones(2), atol=1e-5)
+
+
+def test_psnr_values():
+    x = torch.zeros(1, 3, 4, 4)
+    assert float(psnr(x, x + 0.1)) == pytest.approx(20.0, abs=1e-4)
+    assert float(psnr(x, x)) == 100.0
+
+
+def test_evaluate_vq_on_shapes_and_loaders(tok):
+    world = ShapesWorld(seed=0, image_size=32, split="val", length=10)
+    result = evaluate_vq(tok, world, batch_size=4)
+    assert result["num_images"] == 10
+    assert 0.0 < result["codebook_usage"] <= 1.0 and result["codes_used"] == round(result["codebook_usage"] * 32)
+    assert 1.0 <= result["perplexity"] <= 32.0 and -1.0 <= result["ssim"] <= 1.0 and result["psnr"] > 0
+    batches = [{"images": torch.stack([world[i].image for i in range(j, j + 5)])} for j in (0, 5)]
+    assert evaluate_vq(tok, batches, batch_size=3) == pytest.approx(result)
+    assert evaluate_vq(tok, world, max_images=3)["num_images"] == 3
+
+
+def test_photo_crops_and_psnr(tok):
+    photo = torch.zeros(3, 100, 60, dtype=torch.uint8)
+    crops = photo_crops(photo, 32, per_side=2)
+    assert len(crops) == 4 and all(c.shape == (3, 32, 32) for c in crops)
+    assert len(photo_crops(photo, 512, per_side=2)) == 2  # crop side shrinks to the short side (60)
+    result = photo_psnr(tok, ["astronaut", "coffee"])
+    assert set(result) == {"astronaut", "coffee", "mean"} and result["mean"] > 0
+
+
+def test_run_vq_eval_writes_json_and_markdown(tok, tmp_path):
+    tok.save_pretrained(tmp_path / "tok")
+    result = run_vq_eval({"tokenizer_dir": str(tmp_path / "tok"), "out_dir": str(tmp_path / "eval"), "num_images": 8,
+                          "photos": ["chelsea"], "photo_crops_per_side": 1})
+    saved = json.loads((tmp_path / "eval" / "vq_metrics.json").read_text())
+    assert saved["shapes"]["num_images"] == 8 and set(saved["photos"]) == {"chelsea", "mean"}
+    table = (tmp_path / "eval" / "vq_metrics.md").read_text()
+    assert table == result["table"] and "| codebook usage |" in table and "PSNR photo `chelsea`" in table
+    with pytest.raises(ValueError, match="tokenizer_dir"):
+        run_vq_eval({"out_dir": str(tmp_path)})
