@@ -72,3 +72,23 @@ def test_missing_model_file(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="chameleon-tokenizer"):
         TextTokenizer(tmp_path / "nope.model")
+
+
+def test_shipped_artifacts_are_rebuilt_bit_identically(tmp_path):
+    """`chameleon-tokenizer` with its defaults reproduces the committed tokenizers/shapes files."""
+    from chameleon_lite.cli.tokenizer import build_tokenizer
+    from chameleon_lite.config import TOKENIZERS_DIR
+    from conftest import compose_config
+
+    build_tokenizer(compose_config("train_tokenizer", [f"tokenizer.dir={tmp_path}"]))
+    for name in ("text.model", "vocab.json"):
+        assert (tmp_path / name).read_bytes() == (TOKENIZERS_DIR / "shapes" / name).read_bytes(), name
+
+
+def test_shipped_tokenizers_agree_with_each_other():
+    from chameleon_lite.config import TOKENIZERS_DIR
+    from chameleon_lite.multimodal_tokenizer import MultimodalTokenizer
+
+    tok = MultimodalTokenizer.from_dir(TOKENIZERS_DIR / "shapes")
+    assert tok.image.codebook_size == tok.vocab.n_image and tok.text.vocab_size == tok.vocab.n_text
+    assert tok.tokens_per_image == 64 and (TOKENIZERS_DIR / "shapes" / "vq.safetensors").stat().st_size <= 5_000_000

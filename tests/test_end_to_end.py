@@ -1,0 +1,71 @@
+"""train (fixture) -> generate -> evaluate -> notebook, on a tiny checkpoint, through the real CLIs' functions."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from chameleon_lite.cli.eval import evaluate
+from chameleon_lite.cli.generate import generate
+from chameleon_lite.config import REPO_ROOT
+from chameleon_lite.generation.api import Generator
+from conftest import compose_config
+
+pytestmark = pytest.mark.slow
+
+
+def test_generate_cli_tasks(tiny_checkpoint, tmp_path):
+    for task, extra in [("t2i", ["n=2", "prompt=[a red circle,two blue squares]"]),
+                        ("text", ["prompt=a red", "max_new_tokens=8"]),
+                        ("interleaved", ["prompt=a red", "max_new_tokens=80"])]:
+        out = tmp_path / task
+        rec = generate(compose_config("generate", [f"ckpt={tiny_checkpoint}", f"task={task}", f"out_dir={out}", *extra]))
+        assert json.loads((out / "generate.json").read_text())["task"] == task
+        if task == "t2i":
+            assert (out / "t2i.png").is_file() and rec["prompts"] == ["a red circle", "two blue squares"]
+    # caption an image file written by the t2i run
+    out = tmp_path / "caption"
+    rec = generate(compose_config("generate", [f"ckpt={tiny_checkpoint}", "task=caption",
+                                               f"image={tmp_path / 't2i' / 't2i.png'}", f"out_dir={out}"]))
+    assert len(rec["captions"]) == 1 and (out / "captions.png").is_file()
+
+
+def test_generator_images_are_decoded_and_seeded(tiny_checkpoint):
+    gen = Generator.load(tiny_checkpoint)
+    a = gen.generate_images(["a red circle"], n=2, cfg_scale=2.0, seed=3)
+    b = gen.generate_images(["a red circle"], n=2, cfg_scale=2.0, seed=3)
+    assert a.shape == (2, 3, 64, 64) and torch.equal(a, b)
+    assert 0 <= float(a.min()) and float(a.max()) <= 1
+
+
+def test_bad_checkpoint_path_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.ckpt"):
+        Generator.load(tmp_path / "nope.ckpt")
+
+
+@pytest.mark.parametrize("task", ["geneval", "caption", "perplexity"])
+def test_eval_tasks_write_json_markdown_grid(tiny_checkpoint, tmp_path, task):
+    res = evaluate(compose_config("eval", [f"task={task}", f"ckpt={tiny_checkpoint}", f"out_dir={tmp_path}",
+                                           "n_prompts=6", "images_per_prompt=2", "n_images=8", "max_batches=2",
+                                           f"data.cache_dir={tmp_path / 'cache'}"]))
+    assert (tmp_path / f"{task}.json").is_file() and (tmp_path / f"{task}.md").is_file()
+    if task != "perplexity":
+        assert (tmp_path / f"{task}_examples.png").is_file()
+        assert 0.0 <= res["summary"]["overall"]["accuracy" if task == "geneval" else "exact"] <= 1.0
+    else:
+        assert res["summary"]["image"]["perplexity"] > 1.0
+
+
+def test_notebook_runs_top_to_bottom(tiny_checkpoint):
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(REPO_ROOT / "notebooks" / "generate.ipynb", as_version=4)
+    os.environ["CHAMELEON_CKPT"] = str(tiny_checkpoint)
+    try:
+        NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(REPO_ROOT)}}).execute()
+    finally:
+        os.environ.pop("CHAMELEON_CKPT")
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    assert not [o for o in outputs if o.get("output_type") == "error"]

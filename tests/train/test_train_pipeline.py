@@ -1,0 +1,80 @@
+"""Tiny end-to-end runs of the training job: train -> checkpoint -> resume -> export -> load."""
+
+import csv
+
+import pytest
+import torch
+
+from chameleon_lite.checkpoint import load_model
+from chameleon_lite.cli.train import train
+from chameleon_lite.train.module import lr_lambda
+from chameleon_lite.vocab import UnifiedVocab, VocabMismatchError
+
+
+def read_losses(run_dir):
+    with open(run_dir / "logs" / "metrics.csv") as f:
+        return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")}
+
+
+@pytest.mark.slow
+def test_train_resume_export(tiny_train_cfg, tmp_path):
+    result = train(tiny_train_cfg())
+    run = tmp_path / "run"
+    assert result["global_step"] == 6
+    m = result["metrics"]
+    for key in ("train/loss", "train/ce_text", "train/ce_image", "train/z_loss", "stability/hidden_rms",
+                "stability/max_logit_image", "perf/tokens_per_s", "val/loss"):
+        assert key in m, key
+    assert (run / "checkpoints" / "last.ckpt").is_file() and (run / "loss_curve.png").is_file()
+    losses = read_losses(run)
+    assert len(losses) == 6 and all(v == v for v in losses.values())
+
+    # resume continues the step count from the checkpoint
+    result2 = train(tiny_train_cfg("ckpt_path=last", "trainer.max_steps=9"))
+    assert result2["global_step"] == 9
+
+    # exported weights and the Lightning checkpoint load into the same model
+    a, vocab_a, _ = load_model(run / "model")
+    b, vocab_b, meta = load_model(run / "checkpoints" / "last.ckpt")
+    assert vocab_a == vocab_b and meta["global_step"] == 9
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb)
+
+
+def test_loss_decreases_through_the_whole_pipeline(tiny_train_cfg, tmp_path):
+    train(tiny_train_cfg("trainer.max_steps=30", "optim.lr=3e-3", "data.n_train=16", "data.seq_len=128",
+                         "data.batch_size=2", "trainer.val_check_interval=30", "callbacks.loss_curve=null",
+                         "export_weights=false"))
+    losses = read_losses(tmp_path / "run")
+    first, last = losses[min(losses)], losses[max(losses)]
+    assert first > 6.0  # ~ln(896) at init
+    assert last < first - 1.0
+
+
+def test_checkpoint_vocab_mismatch_is_refused(tiny_train_cfg, tmp_path):
+    train(tiny_train_cfg("trainer.max_steps=3"))
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    ckpt["vocab"] = UnifiedVocab(n_text=100, n_image=512).to_dict()
+    bad = tmp_path / "bad.ckpt"
+    torch.save(ckpt, bad)
+    with pytest.raises(VocabMismatchError, match="n_text=100"):
+        train(tiny_train_cfg(f"ckpt_path={bad}", "trainer.max_steps=4"))
+
+
+def test_seq_len_longer_than_model_context_is_a_config_error(tiny_train_cfg):
+    from chameleon_lite.config import ConfigError
+
+    with pytest.raises(ConfigError, match="data.seq_len"):
+        train(tiny_train_cfg("data.seq_len=512"))
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "exponential", "constant"])
+def test_lr_schedule_shapes(schedule):
+    values = [lr_lambda(s, 10, 100, schedule, 0.1) for s in range(101)]
+    assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0)
+    if schedule == "constant":
+        assert values[-1] == 1.0
+    else:
+        assert values[-1] == pytest.approx(0.1) and all(a >= b - 1e-12 for a, b in zip(values[10:], values[11:]))
+    with pytest.raises(ValueError, match="optim.schedule"):
+        lr_lambda(50, 10, 100, "linear-ish", 0.1)
