@@ -23,7 +23,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import yaml
@@ -61,6 +61,10 @@ def timed(fn: Callable[[], object]) -> tuple[float, float]:
     wall, cpu = time.perf_counter(), time.process_time()
     fn()
     return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def rate(images_per_s: float) -> str:
+    return f"{images_per_s:.1f}" if images_per_s >= 10 else f"{images_per_s:.3f}"
 
 
 def main() -> None:
@@ -127,7 +131,7 @@ def main() -> None:
             ratios = f"{ratio_wall:.2f}x | {ratio_cpu:.2f}x"
         else:
             ratios = "n/a (HF has no VQ decoder) | n/a" if "decode" in name else "n/a | n/a"
-        print(f"| {name} | {wall:.1f} | {cpu:.1f} | {ratios} |")
+        print(f"| {name} | {rate(wall)} | {rate(cpu)} | {ratios} |")
 
 
 if __name__ == "__main__":

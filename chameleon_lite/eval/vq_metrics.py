@@ -3,8 +3,8 @@
 * :func:`evaluate_vq` measures a tokenizer on any image source (a ``ShapesWorld`` split by default).
 * :func:`photo_psnr` measures it on crops of real photographs that ship inside scikit-image
   (``skimage.data``: astronaut, coffee, chelsea) — no network.
-* :func:`run_vq_eval` is what ``chameleon-eval task=vq`` calls: both of the above, written as
-  ``vq_metrics.json`` + ``vq_metrics.md`` into an output directory.
+* :func:`run_vq_eval` is what ``chameleon-eval task=vq`` calls: both of the above (and optionally a
+  folder of your images), written as ``vq.json`` + ``vq.md`` into the output directory.
 
 PSNR is the mean over images of per-image PSNR (dB, pixels in [0, 1]); SSIM is the Gaussian-window
 SSIM of Wang et al. (sigma 1.5, 11 taps, K1 = 0.01, K2 = 0.03, averaged over channels and the valid
@@ -14,15 +14,14 @@ use_sample_covariance=False, data_range=1)``.
 
 from __future__ import annotations
 
-import json
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from chameleon_lite.files import atomic_write_text
 from chameleon_lite.vq.api import ImageTokenizer
 from chameleon_lite.vq.quantizer import CodebookUsage
 
@@ -77,18 +76,31 @@ def _image_batches(data: Iterable[Any], batch_size: int, max_images: int | None)
         yield batch
 
 
+def detector_agreement(original: Tensor, decoded: Tensor) -> Tensor:
+    """Per image (B,) bool: the shapes-world detector reads the same objects (colour, shape, count)
+    from ``decoded`` as from ``original``, both (B, 3, H, W) in [0, 1]."""
+    from chameleon_lite.data.shapes import detect_objects, scene_from_detections
+
+    def read(image: Tensor) -> Any:
+        return scene_from_detections(detect_objects((image * 255).round().to(torch.uint8).cpu()))
+
+    return torch.tensor([read(a) == read(b) for a, b in zip(original, decoded)])
+
+
 @torch.inference_mode()
 def evaluate_vq(tokenizer: ImageTokenizer, data: Iterable[Any], batch_size: int = 64,
-                max_images: int | None = None) -> dict[str, float]:
+                max_images: int | None = None, detector: bool = False) -> dict[str, float]:
     """Reconstruction quality and code statistics of ``tokenizer`` on ``data``.
 
     ``data``: a dataset of ``ShapesSample``-like items (``.image``) or images, or a loader of image
     batches / ``{"images": ...}`` dicts. Returns ``psnr``, ``psnr_min``, ``ssim`` (means over
     images), ``codebook_usage`` (fraction of the codebook hit at least once over all images),
-    ``perplexity`` (exp entropy of the code histogram), ``codes_used`` and ``num_images``.
+    ``perplexity`` (exp entropy of the code histogram), ``codes_used`` and ``num_images``; with
+    ``detector`` (shapes-world images) also ``detector_agreement``, the fraction of images whose
+    decoded version the shapes detector reads as the same objects as the original.
     """
     usage = CodebookUsage(tokenizer.codebook_size)
-    psnrs, ssims = [], []
+    psnrs, ssims, agree = [], [], []
     for images in _image_batches(data, batch_size, max_images):
         original = tokenizer.preprocess(images)
         codes = tokenizer.encode(original)
@@ -96,12 +108,17 @@ def evaluate_vq(tokenizer: ImageTokenizer, data: Iterable[Any], batch_size: int 
         usage.update(codes)
         psnrs.append(psnr(original, decoded).cpu())
         ssims.append(ssim(original, decoded).cpu())
+        if detector:
+            agree.append(detector_agreement(original, decoded))
     if not psnrs:
         raise ValueError("evaluate_vq: the data yielded no images")
     all_psnr = torch.cat(psnrs)
-    return {"psnr": float(all_psnr.mean()), "psnr_min": float(all_psnr.min()), "ssim": float(torch.cat(ssims).mean()),
-            "codebook_usage": usage.usage(), "perplexity": usage.perplexity(),
-            "codes_used": int((usage.counts > 0).sum()), "num_images": int(all_psnr.numel())}
+    result = {"psnr": float(all_psnr.mean()), "psnr_min": float(all_psnr.min()), "ssim": float(torch.cat(ssims).mean()),
+              "codebook_usage": usage.usage(), "perplexity": usage.perplexity(),
+              "codes_used": int((usage.counts > 0).sum()), "num_images": int(all_psnr.numel())}
+    if detector:
+        result["detector_agreement"] = float(torch.cat(agree).float().mean())
+    return result
 
 
 def photo_crops(photo: Tensor, side: int, per_side: int) -> list[Tensor]:
@@ -134,52 +151,95 @@ def photo_psnr(tokenizer: ImageTokenizer, names: Sequence[str] = DEFAULT_PHOTOS,
     return results
 
 
+def _select(cfg: Mapping[str, Any], dotted: str, default: Any) -> Any:
+    """``cfg["a"]["b"]`` for ``"a.b"`` (DictConfig or plain dicts), ``default`` where missing or null."""
+    node: Any = cfg
+    for key in dotted.split("."):
+        if not isinstance(node, Mapping) or node.get(key) is None:
+            return default
+        node = node[key]
+    return node
+
+
+def evaluate_folder(tokenizer: ImageTokenizer, folder: str | Path, batch_size: int = 64) -> dict[str, float]:
+    """:func:`evaluate_vq` on a folder of user images; unreadable files are skipped and counted (``skipped``)."""
+    from chameleon_lite.vq.data import ImageFileDataset, list_image_folder
+
+    dataset = ImageFileDataset(list_image_folder(folder), tokenizer.image_size, max_pixels=tokenizer.max_pixels,
+                               min_side=tokenizer.min_side)
+    skipped = 0
+
+    def good_images() -> Iterator[Tensor]:
+        nonlocal skipped
+        for image in dataset:
+            if image is None:
+                skipped += 1
+            else:
+                yield image
+
+    result = evaluate_vq(tokenizer, good_images(), batch_size=batch_size)
+    return {**result, "skipped": skipped}
+
+
 def markdown_table(result: Mapping[str, Any]) -> str:
     """The eval result as a two-column Markdown table."""
     shapes, photos = result["shapes"], result["photos"]
     rows = [("tokenizer", f"`{result['tokenizer']}`"),
-            ("images", f"{shapes['num_images']} shapes-world {result['split']} images, "
-                       f"{result['image_size']} px, {result['tokens_per_image']} tokens each"),
+            ("images", (f"{shapes['num_images']} shapes-world {result['split']} images, "
+                       f"{result['image_size']} px, {result['tokens_per_image']} tokens each")),
             ("PSNR shapes (dB)", f"{shapes['psnr']:.2f} (min {shapes['psnr_min']:.2f})"),
             ("SSIM shapes", f"{shapes['ssim']:.4f}"),
-            ("codebook usage", f"{100 * shapes['codebook_usage']:.1f}% ({shapes['codes_used']} / "
-                               f"{result['codebook_size']} codes)"),
+            ("codebook usage", (f"{100 * shapes['codebook_usage']:.1f}% ({shapes['codes_used']} / "
+                               f"{result['codebook_size']} codes)")),
             ("code perplexity", f"{shapes['perplexity']:.1f}")]
+    if "detector_agreement" in shapes:
+        rows.append(("shapes detector reads the same objects", f"{100 * shapes['detector_agreement']:.1f}% of images"))
     rows += [(f"PSNR photo `{name}` (dB)", f"{value:.2f}") for name, value in photos.items() if name != "mean"]
     if photos:
         rows.append(("PSNR photos, mean (dB)", f"{photos['mean']:.2f}"))
+    folder = result.get("folder")
+    if folder:
+        rows += [(f"PSNR folder `{result['folder_path']}` (dB)", (f"{folder['psnr']:.2f} over {folder['num_images']} "
+                                                              f"images ({folder['skipped']} unreadable skipped)")),
+                 ("SSIM folder", f"{folder['ssim']:.4f}"),
+                 ("codebook usage folder", f"{100 * folder['codebook_usage']:.1f}%")]
     lines = ["| metric | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)]
     return "\n".join(lines) + "\n"
 
 
 def run_vq_eval(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """Evaluate the tokenizer in ``cfg["tokenizer_dir"]``; write ``vq_metrics.{json,md}`` into ``cfg["out_dir"]``.
+    """``chameleon-eval task=vq``: evaluate the tokenizer in ``tokenizer.dir``; write ``vq.json`` + ``vq.md``.
 
-    Keys (defaults): ``tokenizer_dir`` (required), ``out_dir`` (required), ``split`` ("val"),
-    ``num_images`` (1000), ``seed`` (0), ``batch_size`` (64), ``photos`` (astronaut, coffee,
-    chelsea; empty to skip), ``photo_crops_per_side`` (2). Returns the metrics plus ``table``
-    (Markdown) and ``files``.
+    Reads (``conf/eval.yaml``; defaults in brackets): ``tokenizer.dir`` (required), ``out_dir``
+    (required), ``device`` [cpu], ``data.seed`` [0] (which shapes world), ``vq.split`` [val],
+    ``vq.n_images`` [512], ``vq.batch_size`` [64], ``vq.photo_crops`` [true] (PSNR on crops of
+    scikit-image's photographs; ``vq.photos`` picks them), ``vq.folder`` [null] (also evaluate a
+    folder of your images). Returns the metrics plus ``table`` (Markdown) and ``files``.
     """
-    from chameleon_lite.config import resolve_path
+    from chameleon_lite.config import ConfigError, resolve_path
     from chameleon_lite.data.shapes import ShapesWorld
+    from chameleon_lite.eval.report import write_report
 
-    for key in ("tokenizer_dir", "out_dir"):
-        if not cfg.get(key):
-            raise ValueError(f"vq eval: config key '{key}' is required (e.g. {key}=tokenizers/shapes)")
-    tokenizer_dir, out_dir = resolve_path(cfg["tokenizer_dir"]), resolve_path(cfg["out_dir"])
-    tokenizer = ImageTokenizer.from_pretrained(tokenizer_dir)
-    split = cfg.get("split", "val")
-    data = ShapesWorld(seed=int(cfg.get("seed", 0)), image_size=tokenizer.image_size, split=split,
-                       length=int(cfg.get("num_images", 1000)))
-    photos = list(cfg.get("photos", DEFAULT_PHOTOS) or [])
+    for key in ("tokenizer.dir", "out_dir"):
+        if not _select(cfg, key, None):
+            raise ConfigError(f"task=vq needs config key '{key}' (e.g. {key}=tokenizers/shapes)")
+    tokenizer_dir, out_dir = resolve_path(_select(cfg, "tokenizer.dir", None)), resolve_path(cfg["out_dir"])
+    tokenizer = ImageTokenizer.from_pretrained(tokenizer_dir, device=_select(cfg, "device", "cpu"))
+    split, batch_size = _select(cfg, "vq.split", "val"), int(_select(cfg, "vq.batch_size", 64))
+    data = ShapesWorld(seed=int(_select(cfg, "data.seed", 0)), image_size=tokenizer.image_size, split=split,
+                       length=int(_select(cfg, "vq.n_images", 512)))
+    photos = list(_select(cfg, "vq.photos", DEFAULT_PHOTOS)) if _select(cfg, "vq.photo_crops", True) else []
     result: dict[str, Any] = {
-        "tokenizer": str(tokenizer_dir), "split": split, "image_size": tokenizer.image_size,
+        "task": "vq", "tokenizer": str(tokenizer_dir), "split": split, "image_size": tokenizer.image_size,
         "tokens_per_image": tokenizer.tokens_per_image, "codebook_size": tokenizer.codebook_size,
-        "shapes": evaluate_vq(tokenizer, data, batch_size=int(cfg.get("batch_size", 64))),
-        "photos": photo_psnr(tokenizer, photos, int(cfg.get("photo_crops_per_side", 2))) if photos else {},
+        "shapes": evaluate_vq(tokenizer, data, batch_size=batch_size, detector=True),
+        "photos": photo_psnr(tokenizer, photos) if photos else {},
     }
+    folder = _select(cfg, "vq.folder", None)
+    if folder:
+        result["folder_path"] = str(resolve_path(folder))
+        result["folder"] = evaluate_folder(tokenizer, resolve_path(folder), batch_size)
     table = markdown_table(result)
-    json_path, md_path = out_dir / "vq_metrics.json", out_dir / "vq_metrics.md"
-    atomic_write_text(json_path, json.dumps(result, indent=2) + "\n")
-    atomic_write_text(md_path, table)
-    return {**result, "table": table, "files": [str(json_path), str(md_path)]}
+    files = write_report(out_dir, "vq", result, table)
+    print(table)
+    return {**result, "table": table, "files": files}

@@ -151,7 +151,7 @@ class ImageTokenizer:
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, device: str | torch.device | None = None,
-                        **kwargs: Any) -> "ImageTokenizer":
+                        **kwargs: Any) -> ImageTokenizer:
         """Load a tokenizer written by :meth:`save_pretrained` (no pickle: YAML + safetensors)."""
         directory = Path(directory)
         config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME

@@ -8,8 +8,9 @@ A config fixes everything needed to rebuild the network and its quantizer: ``vq.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 
 class VQConfigError(ValueError):
@@ -100,7 +101,7 @@ class VQConfig:
         return out
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> "VQConfig":
+    def from_dict(cls, values: Mapping[str, Any]) -> VQConfig:
         """Validate a mapping (a preset's ``model:`` block or ``vq.yaml``); unknown keys are errors."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)

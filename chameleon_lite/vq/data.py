@@ -12,8 +12,8 @@ from __future__ import annotations
 import json
 import logging
 import random
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import lightning as L
 import torch
@@ -22,8 +22,13 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.v2 import functional as TF
 
 from chameleon_lite.data.shapes import ShapesWorld
-from chameleon_lite.vq.image_io import (DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, ImageLoadError,
-                                        center_square_resize, load_image)
+from chameleon_lite.vq.image_io import (
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_MIN_SIDE,
+    ImageLoadError,
+    center_square_resize,
+    load_image,
+)
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +147,7 @@ class VQDataModule(L.LightningDataModule):
         self.image_size, self.batch_size, self.num_workers, self.seed = image_size, batch_size, num_workers, seed
         self.folder, self.jsonl = folder, jsonl
         self.train_length, self.val_length = train_length, val_length
-        self.file_options = dict(max_pixels=max_pixels, min_side=min_side, strict=strict)
+        self.file_options = {"max_pixels": max_pixels, "min_side": min_side, "strict": strict}
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
 

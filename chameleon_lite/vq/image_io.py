@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence, Union
 
 import numpy as np
 import torch
@@ -30,8 +30,8 @@ DEFAULT_MAX_PIXELS = 64_000_000
 #: Files smaller than this on their short side are almost always tracking pixels or broken exports.
 DEFAULT_MIN_SIDE = 8
 
-ImageInput = Union[Tensor, Image.Image, str, os.PathLike]
-ImagesInput = Union[ImageInput, Sequence[ImageInput]]
+ImageInput = Tensor | Image.Image | str | os.PathLike
+ImagesInput = ImageInput | Sequence[ImageInput]
 
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 

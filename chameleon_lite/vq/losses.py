@@ -14,10 +14,10 @@ batches) intact.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import Any, Mapping
+from typing import Any
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -46,7 +46,7 @@ class VQLossConfig:
             raise VQConfigError("vq.loss.disc_layers and vq.loss.disc_channels must be >= 1 when disc_weight > 0")
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> "VQLossConfig":
+    def from_dict(cls, values: Mapping[str, Any]) -> VQLossConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:

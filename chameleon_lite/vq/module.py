@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import lightning as L
 import torch
@@ -61,10 +62,11 @@ class VQModule(L.LightningModule):
         return ImageTokenizer(self.model, name=name)
 
     # ------------------------------------------------------------------------------- training
-    def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor | None:
+    def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
         self.skipped_this_epoch += int(batch["skipped"])
         if batch["images"].shape[0] == 0:
-            return None  # every file of this batch was bad; Lightning skips the optimizer step
+            # Every file of this batch was bad. A zero loss (rather than None) keeps DDP ranks in step.
+            return sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
         x = to_model_range(batch["images"])
         recon, quant = self.model(x)
         total, terms = self.loss(x, recon.float(), quant, self.global_step)

@@ -89,12 +89,21 @@ class VectorQuantizer(nn.Module):
         return F.normalize(weight, dim=-1) if self.l2_normalize else weight
 
     def nearest(self, z_flat: Tensor) -> Tensor:
-        """Index (N,) of the nearest code for each row of ``z_flat`` (N, D), already normalised if l2."""
+        """Index (N,) of the nearest code for each row of ``z_flat`` (N, D), already normalised if l2.
+
+        Rows are searched in chunks so the (rows, K) score matrix stays below 2**26 entries.
+        """
         codes = self.codebook().to(z_flat.dtype)
-        if self.l2_normalize:
-            return (z_flat @ codes.t()).argmax(dim=-1)
-        distances = z_flat.pow(2).sum(-1, keepdim=True) + codes.pow(2).sum(-1) - 2 * z_flat @ codes.t()
-        return distances.argmin(dim=-1)
+        norms = codes.pow(2).sum(-1)
+        rows = max(1, (1 << 26) // self.codebook_size)
+        found = []
+        for chunk in z_flat.split(rows):
+            scores = chunk @ codes.t()  # (rows, K)
+            if self.l2_normalize:
+                found.append(scores.argmax(-1))
+            else:  # squared distance, same formula (and rounding) as taming / HF
+                found.append((chunk.pow(2).sum(-1, keepdim=True) + norms - 2 * scores).argmin(-1))
+        return torch.cat(found)
 
     def lookup(self, indices: Tensor) -> Tensor:
         """Code vectors for an integer (B, h, w) grid -> (B, D, h, w)."""

@@ -5,10 +5,20 @@ import json
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
+from PIL import Image
 from skimage.metrics import structural_similarity
 
 from chameleon_lite.data.shapes import ShapesWorld
-from chameleon_lite.eval.vq_metrics import evaluate_vq, photo_crops, photo_psnr, psnr, run_vq_eval, ssim
+from chameleon_lite.eval.vq_metrics import (
+    detector_agreement,
+    evaluate_vq,
+    photo_crops,
+    photo_psnr,
+    psnr,
+    run_vq_eval,
+    ssim,
+)
 from chameleon_lite.vq import ImageTokenizer, VQConfig
 from chameleon_lite.vq.model import VQModel
 
@@ -51,6 +61,14 @@ def test_evaluate_vq_on_shapes_and_loaders(tok):
     assert evaluate_vq(tok, world, max_images=3)["num_images"] == 3
 
 
+def test_detector_agreement_compares_object_readings():
+    world = ShapesWorld(seed=0, image_size=64, split="val", length=4)
+    original = torch.stack([world[i].image for i in range(4)]).float() / 255
+    assert detector_agreement(original, original).all()
+    blank = torch.ones_like(original)
+    assert not detector_agreement(original, blank).any()  # every scene has at least one object
+
+
 def test_photo_crops_and_psnr(tok):
     photo = torch.zeros(3, 100, 60, dtype=torch.uint8)
     crops = photo_crops(photo, 32, per_side=2)
@@ -62,11 +80,22 @@ def test_photo_crops_and_psnr(tok):
 
 def test_run_vq_eval_writes_json_and_markdown(tok, tmp_path):
     tok.save_pretrained(tmp_path / "tok")
-    result = run_vq_eval({"tokenizer_dir": str(tmp_path / "tok"), "out_dir": str(tmp_path / "eval"), "num_images": 8,
-                          "photos": ["chelsea"], "photo_crops_per_side": 1})
-    saved = json.loads((tmp_path / "eval" / "vq_metrics.json").read_text())
-    assert saved["shapes"]["num_images"] == 8 and set(saved["photos"]) == {"chelsea", "mean"}
-    table = (tmp_path / "eval" / "vq_metrics.md").read_text()
+    images = tmp_path / "mine"
+    images.mkdir()
+    for i in range(3):
+        Image.new("RGB", (50, 40), (80 * i, 30, 200)).save(images / f"{i}.png")
+    (images / "bad.png").write_bytes(b"")
+    cfg = OmegaConf.create({"tokenizer": {"dir": str(tmp_path / "tok")}, "out_dir": str(tmp_path / "eval"),
+                            "vq": {"n_images": 8, "photos": ["chelsea"], "folder": str(images)}})
+    result = run_vq_eval(cfg)
+    saved = json.loads((tmp_path / "eval" / "vq.json").read_text())
+    assert saved["shapes"]["num_images"] == 8 and saved["split"] == "val" and set(saved["photos"]) == {"chelsea", "mean"}
+    assert saved["folder"]["num_images"] == 3 and saved["folder"]["skipped"] == 1
+    table = (tmp_path / "eval" / "vq.md").read_text()
     assert table == result["table"] and "| codebook usage |" in table and "PSNR photo `chelsea`" in table
-    with pytest.raises(ValueError, match="tokenizer_dir"):
+    assert 0.0 <= saved["shapes"]["detector_agreement"] <= 1.0 and "detector reads the same objects" in table
+    assert "1 unreadable skipped" in table
+    no_photos = run_vq_eval(OmegaConf.merge(cfg, {"vq": {"photo_crops": False, "folder": None}}))
+    assert no_photos["photos"] == {} and "folder" not in no_photos
+    with pytest.raises(ValueError, match="tokenizer.dir"):
         run_vq_eval({"out_dir": str(tmp_path)})

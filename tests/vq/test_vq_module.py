@@ -7,8 +7,8 @@ from torch.utils.data import DataLoader
 from chameleon_lite.vq.data import ShapesImages, collate_images
 from chameleon_lite.vq.module import VQModule, to_model_range
 
-TINY_MODEL = dict(image_size=32, base_channels=16, channel_multipliers=[1, 2, 2], num_res_blocks=1,
-                  latent_channels=16, norm_groups=8, codebook_size=32, embed_dim=4, dead_code_window=10)
+TINY_MODEL = {"image_size": 32, "base_channels": 16, "channel_multipliers": [1, 2, 2], "num_res_blocks": 1,
+                  "latent_channels": 16, "norm_groups": 8, "codebook_size": 32, "embed_dim": 4, "dead_code_window": 10}
 
 
 def reconstruction_loss(module: VQModule, images: torch.Tensor) -> float:

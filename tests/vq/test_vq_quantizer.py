@@ -9,8 +9,8 @@ from chameleon_lite.vq.quantizer import CodebookUsage, VectorQuantizer, code_per
 
 
 def plain_quantizer(**changes) -> VectorQuantizer:
-    options = dict(codebook_size=16, embed_dim=4, beta=0.25, l2_normalize=False, ema_decay=None,
-                   dead_code_restart=False)
+    options = {"codebook_size": 16, "embed_dim": 4, "beta": 0.25, "l2_normalize": False, "ema_decay": None,
+                   "dead_code_restart": False}
     return VectorQuantizer(**{**options, **changes})
 
 

@@ -4,12 +4,12 @@ import csv
 
 import pytest
 import torch
+from conftest import compose_config
 from PIL import Image
 
 from chameleon_lite.cli.train_vq import train_vq
 from chameleon_lite.vq import ImageTokenizer
 from chameleon_lite.vq.data import list_image_folder, split_paths
-from conftest import compose_config
 
 TINY_VQ = [
     "vq.name=tiny", "vq.model.image_size=32", "vq.model.base_channels=16", "vq.model.channel_multipliers=[1,2,2]",
