@@ -69,3 +69,19 @@ def test_notebook_runs_top_to_bottom(tiny_checkpoint):
         os.environ.pop("CHAMELEON_CKPT")
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
     assert not [o for o in outputs if o.get("output_type") == "error"]
+
+
+def test_caption_of_a_file_that_is_not_an_image_names_it(tiny_checkpoint, tmp_path):
+    from chameleon_lite.vq.image_io import ImageLoadError
+
+    bad = tmp_path / "notes.png"
+    bad.write_text("this is text, not a PNG")
+    gen = Generator.load(tiny_checkpoint)
+    with pytest.raises(ImageLoadError, match="notes.png"):
+        gen.caption([str(bad)])
+
+
+def test_prompt_longer_than_the_context_is_a_clear_error(tiny_checkpoint):
+    gen = Generator.load(tiny_checkpoint)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        gen.complete("a red circle " * 200, max_new_tokens=8)
