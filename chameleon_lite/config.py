@@ -53,6 +53,16 @@ def resolve_path(path: str | Path) -> Path:
     return Path(path).expanduser().resolve()
 
 
+def compose_config(config_name: str, overrides: list[str] | None = None) -> DictConfig:
+    """Compose a primary config of ``conf/`` outside a Hydra app (tests, the demo, notebooks)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name=config_name, overrides=overrides or [])
+
+
 USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError, ValueError)
 
 

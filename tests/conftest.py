@@ -5,10 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-
-from chameleon_lite.config import CONF_DIR
+from chameleon_lite.config import compose_config
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 
@@ -20,12 +17,6 @@ TINY_TRAIN = [
     "trainer.precision=32-true", "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1",
     "optim.warmup_steps=2", "callbacks.checkpoint.every_n_train_steps=3",
 ]
-
-
-def compose_config(config_name: str, overrides: list[str] | None = None):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name=config_name, overrides=overrides or [])
 
 
 @pytest.fixture

@@ -16,19 +16,10 @@ import sys
 import time
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-
-from chameleon_lite.config import CONF_DIR, resolve_path
+from chameleon_lite.config import compose_config, resolve_path
 
 DEMO_PROMPTS = ["a red circle", "three green squares", "a blue square left of a yellow circle",
                 "a purple triangle and a purple circle"]
-
-
-def compose_config(name: str, overrides: list[str]):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name=name, overrides=overrides)
 
 
 def split_args(argv: list[str]) -> tuple[Path, list[str], list[str]]:
