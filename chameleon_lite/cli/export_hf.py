@@ -1,8 +1,8 @@
 """`chameleon-export-hf`: write a trained checkpoint as a Hugging Face Chameleon directory.
 
-The language model is exported exactly (see `chameleon_lite.interop.hf`); the image encoder is not: this
-command does not load the VQ, and the export says so (warning, README.md, config.json). From Python,
-`export_hf(model, vocab, out, vq=...)` adds an HF-compatible VQ's encoder.
+The language model is exported exactly (see `chameleon_lite.interop.hf`). The VQ of the tokenizer directory
+recorded in the checkpoint (or `tokenizer_dir=...`) goes along when its encoder is HF-compatible; otherwise
+the export says plainly that the image encoder is not exportable (warning, README.md, config.json).
 """
 
 from __future__ import annotations
@@ -31,9 +31,15 @@ def export_checkpoint(cfg: DictConfig) -> Path:
     for key in ("drop_resid_dropout", "overwrite"):
         require(cfg, key, lambda v: isinstance(v, bool), "true or false")
     model, vocab, meta = load_model(resolve_path(ckpt))
-    out_dir = export_hf(model, vocab, resolve_path(out), drop_resid_dropout=cfg.drop_resid_dropout,
+    tokenizer_dir = cfg.get("tokenizer_dir") or meta.get("tokenizer_dir")
+    vq = None
+    if tokenizer_dir and (Path(tokenizer_dir) / "vq.safetensors").is_file():
+        from chameleon_lite.vq.api import ImageTokenizer
+
+        vq = ImageTokenizer.from_pretrained(resolve_path(tokenizer_dir)).model
+    out_dir = export_hf(model, vocab, resolve_path(out), vq=vq, drop_resid_dropout=cfg.drop_resid_dropout,
                         dtype=DTYPES[dtype], overwrite=cfg.overwrite, source=str(ckpt),
-                        tokenizer_dir=meta.get("tokenizer_dir"))
+                        tokenizer_dir=tokenizer_dir)
     print(f"wrote {out_dir} (load it with transformers.ChameleonForConditionalGeneration.from_pretrained)")
     return out_dir
 

@@ -62,3 +62,24 @@ def test_cli_refuses_an_unexportable_option_by_name(trained, tmp_path):
     _, ckpt = trained
     with pytest.raises(HFInteropError, match="model.resid_dropout=0.1.*drop_resid_dropout=true"):
         export_checkpoint(compose_export(f"ckpt={ckpt}", f"out={tmp_path / 'hf'}"))
+
+
+@pytest.mark.parametrize("hf_compatible", [True, False])
+def test_cli_exports_the_tokenizer_dirs_vq_only_when_hf_compatible(trained, tmp_path, hf_compatible, caplog):
+    from chameleon_lite.vq.api import ImageTokenizer
+    from chameleon_lite.vq.config import VQConfig
+    from chameleon_lite.vq.model import VQModel
+
+    _, ckpt = trained
+    vq_cfg = VQConfig(image_size=32, base_channels=32, channel_multipliers=(1, 2), latent_channels=8,
+                      norm_groups=32 if hf_compatible else 8, codebook_size=16, embed_dim=8,
+                      l2_normalize=not hf_compatible)
+    ImageTokenizer(VQModel(vq_cfg)).save_pretrained(tmp_path / "tok")
+    out = export_checkpoint(compose_export(f"ckpt={ckpt}", f"out={tmp_path / 'hf'}", "drop_resid_dropout=true",
+                                           f"tokenizer_dir={tmp_path / 'tok'}"))
+    hf = ChameleonForConditionalGeneration.from_pretrained(out)
+    readme = (out / "README.md").read_text().lower()
+    assert ("image encoder: exported:" in readme) == hf_compatible
+    if not hf_compatible:
+        assert "image encoder" in readme and "not" in readme.split("image encoder", 1)[1][:200]
+    assert hf.model.vqmodel.quantize.embedding.weight.shape[0] == 16
