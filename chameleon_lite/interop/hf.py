@@ -361,6 +361,8 @@ def vq_incompatibilities(vq_config: VQConfig) -> list[str]:
     HF has no VQ decoder, so only the image *encoder* is ever exported; HF cannot turn codes into pixels.
     """
     reasons = []
+    if vq_config.encoder != "conv":
+        reasons.append(f"vq encoder={vq_config.encoder}: HF's ChameleonVQVAE has only taming's conv encoder")
     if vq_config.l2_normalize:
         reasons.append("vq l2_normalize=true: HF's quantizer picks the nearest raw code by Euclidean "
                        "distance, chameleon-lite's by cosine similarity of l2-normalised codes, so the codes "

@@ -13,6 +13,10 @@ from dataclasses import dataclass
 from typing import Any
 
 
+#: Encoder kinds (see :class:`VQConfig`).
+ENCODERS: tuple[str, ...] = ("conv", "patch")
+
+
 class VQConfigError(ValueError):
     """A VQ config value is wrong; the message names the key and what it must be."""
 
@@ -32,6 +36,15 @@ class VQConfig:
     ``embed_dim`` such as 8). ``ema_decay`` switches the codebook from gradient updates to
     exponential moving averages of assigned encoder outputs. ``dead_code_restart`` re-seeds codes
     that were not hit for ``dead_code_window`` training steps with recent encoder outputs.
+
+    Encoder: ``encoder="conv"`` is taming's ResNet encoder (HF ``ChameleonVQVAE``-compatible); its
+    receptive field spans the whole image (3x3 convs, GroupNorm statistics over all positions and
+    the mid attention), so a code depends on its neighbourhood, not only on its own patch.
+    ``encoder="patch"`` maps each ``f x f`` patch on its own (patchify + per-position residual MLP,
+    no spatial mixing): identical patches always get identical codes. That makes the token stream
+    far easier for the transformer to model (on the shapes world a blank patch gets one code
+    instead of hundreds) while the decoder, still convolutional, uses neighbouring codes to
+    rebuild edges.
     """
 
     image_size: int = 64
@@ -51,6 +64,7 @@ class VQConfig:
     dead_code_restart: bool = True
     dead_code_window: int = 50
     restart_buffer_size: int = 4096
+    encoder: str = "conv"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "channel_multipliers", tuple(int(m) for m in self.channel_multipliers))
@@ -72,6 +86,9 @@ class VQConfig:
                 raise VQConfigError(
                     f"vq.model.norm_groups = {self.norm_groups} does not divide the {channels} channels of "
                     f"a stage (base_channels x channel_multipliers); pick a divisor")
+        if self.encoder not in ENCODERS:
+            raise VQConfigError(f"vq.model.encoder = {self.encoder!r} is invalid: expected one of {list(ENCODERS)} "
+                                "(conv: taming/HF ResNet encoder; patch: each f x f patch encoded on its own)")
         if not 0.0 <= self.dropout < 1.0:
             raise VQConfigError(f"vq.model.dropout = {self.dropout} is invalid: expected 0 <= dropout < 1")
         if self.beta < 0:

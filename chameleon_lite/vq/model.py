@@ -121,6 +121,33 @@ class Encoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
+class PatchEncoder(nn.Module):
+    """(B, in_channels, S, S) -> (B, latent_channels, S/f, S/f), each f x f patch encoded on its own.
+
+    A stride-f patchify conv, then ``num_res_blocks + 1`` pre-norm residual MLPs applied per position
+    (LayerNorm over channels, not GroupNorm, whose statistics would mix positions). No operation
+    looks across patches, so a code is a function of its own pixels only.
+    """
+
+    def __init__(self, cfg: VQConfig) -> None:
+        super().__init__()
+        width = cfg.base_channels * cfg.channel_multipliers[-1]
+        f = cfg.downsample_factor
+        self.patchify = nn.Conv2d(cfg.in_channels, width, f, stride=f)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.LayerNorm(width), nn.Linear(width, 4 * width), nn.SiLU(), nn.Dropout(cfg.dropout),
+                          nn.Linear(4 * width, width))
+            for _ in range(cfg.num_res_blocks + 1))
+        self.norm_out = nn.LayerNorm(width)
+        self.proj_out = nn.Linear(width, cfg.latent_channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.patchify(x).permute(0, 2, 3, 1)  # (B, h, w, width): channels last for the per-position MLPs
+        for block in self.blocks:
+            h = h + block(h)
+        return self.proj_out(F.silu(self.norm_out(h))).permute(0, 3, 1, 2)  # (B, latent, h, w)
+
+
 class Decoder(nn.Module):
     """(B, latent_channels, S/f, S/f) -> (B, 3, S, S), mirror of :class:`Encoder` with one extra block per level."""
 
@@ -160,7 +187,7 @@ class VQModel(nn.Module):
     def __init__(self, cfg: VQConfig) -> None:
         super().__init__()
         self.config = cfg
-        self.encoder = Encoder(cfg)
+        self.encoder = PatchEncoder(cfg) if cfg.encoder == "patch" else Encoder(cfg)
         self.quant_conv = nn.Conv2d(cfg.latent_channels, cfg.embed_dim, 1)
         self.quantize = VectorQuantizer(
             cfg.codebook_size, cfg.embed_dim, beta=cfg.beta, l2_normalize=cfg.l2_normalize, ema_decay=cfg.ema_decay,

@@ -14,7 +14,10 @@ Remedies against codebook collapse, all switchable in :class:`~chameleon_lite.vq
 * ``l2_normalize``: look codes up by cosine similarity in a low-dimensional space (LlamaGen).
 * ``ema_decay``: codebook = exponential moving average of the encoder outputs assigned to it.
 * ``dead_code_restart``: a code not hit for ``dead_code_window`` training steps is re-seeded with
-  an encoder output drawn from a ring buffer of recent ones. Under ``torch.distributed`` the hit
+  an encoder output drawn from a ring buffer of recent ones, remembered with probability
+  proportional to their quantization error (k-means++ style: outputs the codebook already serves
+  well, such as the blank background that fills most shapes-world patches, rarely become new
+  codes, so restarted codes go where they reduce the error). Under ``torch.distributed`` the hit
   counts are all-reduced and rank 0's replacements broadcast, so every rank keeps the same codebook.
 """
 
@@ -138,7 +141,7 @@ class VectorQuantizer(nn.Module):
         q_flat = z_flat + (q_flat - z_flat).detach()  # straight-through estimator
         quantized = q_flat.view(b, h, w, d).permute(0, 3, 1, 2).contiguous().to(z.dtype)
         if self.training and self.dead_code_restart:
-            self._track_hits(z_flat.detach(), indices)
+            self._track_hits(z_flat.detach(), indices, (q_flat - z_flat).detach().pow(2).sum(-1))
         return QuantizerOutput(quantized, indices.view(b, h, w), loss, commitment, codebook)
 
     # ---------------------------------------------------------------------- codebook maintenance
@@ -158,9 +161,9 @@ class VectorQuantizer(nn.Module):
         self.embedding.weight.copy_(self.ema_embed_sum / smoothed.unsqueeze(1))
 
     @torch.no_grad()
-    def _track_hits(self, z_flat: Tensor, indices: Tensor) -> None:
+    def _track_hits(self, z_flat: Tensor, indices: Tensor, errors: Tensor) -> None:
         """Age every code by one step, reset the age of codes hit now; remember some encoder outputs."""
-        self._remember(z_flat)
+        self._remember(z_flat, errors)
         hits = torch.bincount(indices, minlength=self.codebook_size)
         if _distributed():
             dist.all_reduce(hits)
@@ -184,11 +187,13 @@ class VectorQuantizer(nn.Module):
             self.ema_embed_sum[dead] = new_codes
         self.steps_since_hit[dead] = 0
 
-    def _remember(self, z_flat: Tensor) -> None:
-        """Write a random subset of this step's encoder outputs into the ring buffer ``recent``."""
+    def _remember(self, z_flat: Tensor, errors: Tensor) -> None:
+        """Write some of this step's encoder outputs into the ring buffer ``recent``, drawn without
+        replacement with probability proportional to their squared quantization error ``errors`` (N,)."""
         capacity = self.recent.shape[0]
         take = min(z_flat.shape[0], max(1, capacity // 8))
-        rows = z_flat[torch.randperm(z_flat.shape[0], device=z_flat.device)[:take]]
+        weights = errors.float() + 1e-12  # all-zero errors (a perfect codebook) fall back to uniform
+        rows = z_flat[torch.multinomial(weights, take, replacement=False)]
         slots = (self.recent_pos + torch.arange(take, device=z_flat.device)) % capacity
         self.recent[slots] = rows.to(self.recent.dtype)
         self.recent_pos.copy_((self.recent_pos + take) % capacity)

@@ -178,8 +178,12 @@ def test_incompatible_or_absent_vq_is_stated_plainly(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="chameleon_lite.interop.hf"):
         export_hf(model, VOCAB, tmp_path / "l2", vq=tiny_vq(l2_normalize=True))
     assert "not exported" in caplog.text and "l2_normalize" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="chameleon_lite.interop.hf"):
+        export_hf(model, VOCAB, tmp_path / "patch", vq=tiny_vq(encoder="patch"))
+    assert "not exported" in caplog.text and "encoder=patch" in caplog.text
     export_hf(model, VOCAB, tmp_path / "none")
-    for out in ("l2", "none"):
+    for out in ("l2", "patch", "none"):
         config = json.loads((tmp_path / out / "config.json").read_text())
         assert config["chameleon_lite"]["image_encoder"].startswith("not exported")
         assert config["vq_config"]["num_embeddings"] == VOCAB.n_image

@@ -36,6 +36,42 @@ def test_tensor_shapes_through_the_network(mid_attention):
     assert model.decode_indices(out.indices).shape == (2, 3, 32, 32)
 
 
+def test_patch_encoder_codes_depend_only_on_their_own_patch():
+    cfg = dataclasses.replace(TINY, encoder="patch")
+    model = VQModel(cfg).eval()
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        latent = model.encoder(x)
+        assert latent.shape == (2, 16, 8, 8)
+        changed = x.clone()
+        changed[:, :, 4:8, 8:12] = -changed[:, :, 4:8, 8:12]  # every pixel of patch (row 1, col 2)
+        diff = (model.encoder(changed) - latent).abs().amax(dim=1)  # (B, 8, 8)
+    assert bool((diff[:, 1, 2] > 0).all())
+    diff[:, 1, 2] = 0
+    assert float(diff.max()) == 0.0  # no other position moved: no spatial mixing anywhere
+    # Identical patches (a blank canvas) get one code, wherever they are.
+    with torch.no_grad():
+        codes = model(torch.ones(1, 3, 32, 32))[1].indices
+    assert codes.unique().numel() == 1
+
+
+def test_conv_encoder_mixes_neighbours():  # the contrast that motivates encoder=patch
+    model = VQModel(TINY).eval()
+    torch.manual_seed(0)
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    changed = x.clone()
+    changed[:, :, 4:8, 8:12] = -changed[:, :, 4:8, 8:12]
+    with torch.no_grad():
+        diff = (model.encoder(changed) - model.encoder(x)).abs().amax(dim=1)
+    assert int((diff > 0).sum()) > 1
+
+
+def test_unknown_encoder_is_refused():
+    with pytest.raises(VQConfigError, match="vq.model.encoder"):
+        dataclasses.replace(TINY, encoder="vit")
+
+
 def test_gradients_reach_encoder_decoder_and_codebook():
     model = VQModel(TINY).train()
     x = torch.rand(2, 3, 32, 32) * 2 - 1

@@ -96,6 +96,22 @@ def test_dead_code_restart_revives_unused_codes():
     assert float(revived.embedding.weight.detach().abs().max()) < 50  # the far codes were moved onto the data
 
 
+def test_restart_candidates_favour_badly_served_outputs():
+    """The ring buffer samples encoder outputs in proportion to their quantization error, so a
+    dominant, perfectly coded input (a blank background) does not crowd out the rest."""
+    vq = plain_quantizer(dead_code_restart=True, dead_code_window=1000, restart_buffer_size=64)
+    with torch.no_grad():
+        vq.embedding.weight.zero_()  # every code sits exactly on the zero vector
+    z = torch.zeros(1, 4, 20, 20)  # 400 outputs: 390 served perfectly by the codebook ...
+    z[0, :, 0, :10] = 5.0  # ... and 10 far from every code
+    vq.train()
+    torch.manual_seed(0)
+    vq(z)
+    remembered = vq.recent[: int(vq.recent_filled)]
+    assert remembered.shape[0] == 8  # capacity // 8 per step
+    assert bool((remembered == 5.0).all())  # uniform sampling would pick ~0.2 of them
+
+
 def test_ema_codebook_follows_the_data_and_restarts_too():
     vq = collapsed_quantizer(ema_decay=0.5, dead_code_restart=True, dead_code_window=3)
     assert not vq.embedding.weight.requires_grad
