@@ -1,15 +1,17 @@
 """LightningDataModule: sources -> documents -> packed rows -> resumable loaders.
 
 ``prepare_data`` (rank 0 only, Lightning's contract) VQ-encodes images into the token cache;
-``setup`` loads the tokenizers and caches and builds the packed datasets. Records that cannot be
-used are counted with their reason in ``self.skipped`` (reported by the training module at the
-end of every epoch); with ``data.strict=true`` the first one raises instead.
+``setup`` loads the tokenizers and caches and builds the packed datasets. ``data=webdataset``
+caches nothing: its loaders stream, encode and pack tar shards as they go (``webdataset.py``).
+Records that cannot be used are counted with their reason in ``self.skipped`` (reported by the
+training module at the end of every epoch); with ``data.strict=true`` the first one raises instead.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
@@ -21,11 +23,13 @@ from chameleon_lite.data.jsonl import JsonlCache, check_jsonl_config, load_or_bu
 from chameleon_lite.data.packed_dataset import PackedDataset, ResumableDataLoader, ResumableRowSampler
 from chameleon_lite.data.sequences import Document, SequenceBuilder
 from chameleon_lite.data.token_cache import TokenCache, load_or_build_shapes_cache
+from chameleon_lite.data.webdataset import ShardLoader, check_webdataset_config, shard_loader, shard_urls
 from chameleon_lite.multimodal_tokenizer import MultimodalTokenizer
 
 log = logging.getLogger(__name__)
 
 TASKS = ("t2i", "caption")
+SOURCES = ("shapes", "jsonl", "webdataset")
 
 
 def task_weights(tasks: dict) -> tuple[list[str], np.ndarray]:
@@ -66,17 +70,26 @@ class ChameleonDataModule(L.LightningDataModule):
         self.train_set: PackedDataset | None = None
         self.val_set: PackedDataset | None = None
         self._loaded_caches: tuple[TokenCache | JsonlCache, TokenCache | JsonlCache] | None = None
-        if data.source not in ("shapes", "jsonl"):
-            raise ConfigError(f"data.source={data.source!r} is invalid: use 'shapes' or 'jsonl'")
+        if data.source not in SOURCES:
+            raise ConfigError(f"data.source={data.source!r} is invalid: use 'shapes', 'jsonl' or 'webdataset'")
         if data.source == "jsonl":
             check_jsonl_config(data)
+        if data.source == "webdataset":
+            check_webdataset_config(data)
         task_weights(data.tasks)
 
     # ------------------------------------------------------------------ Lightning hooks
     def prepare_data(self) -> None:
-        self._caches(self._load_tokenizer())
+        if self.cfg.source != "webdataset":
+            self._caches(self._load_tokenizer())
 
     def setup(self, stage: str | None = None) -> None:
+        if self.cfg.source == "webdataset":
+            self._load_tokenizer()
+            shard_urls(self.cfg.train_shards, "train_shards")  # a missing shard fails before training starts
+            if self.cfg.val_shards:
+                shard_urls(self.cfg.val_shards, "val_shards")
+            return
         if self.train_set is not None:
             return
         tok = self._load_tokenizer()
@@ -103,8 +116,11 @@ class ChameleonDataModule(L.LightningDataModule):
         if stats.rejected_documents:
             self.skipped["document longer than seq_len (data.overflow=reject)"] += stats.rejected_documents
 
-    def train_dataloader(self) -> ResumableDataLoader:
+    def train_dataloader(self) -> ResumableDataLoader | ShardLoader:
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        if self.cfg.source == "webdataset":
+            return self._shard_loader("train_shards", "rows_per_epoch", rank, world, self.cfg.num_workers,
+                                      self._fit_epoch)
         sampler = ResumableRowSampler(len(self.train_set), rank=rank, world_size=world)
         if len(sampler) < self.cfg.batch_size:
             raise ConfigError(f"data.batch_size={self.cfg.batch_size} is larger than the {len(sampler)} packed "
@@ -112,12 +128,25 @@ class ChameleonDataModule(L.LightningDataModule):
         return ResumableDataLoader(self.train_set, sampler, batch_size=self.cfg.batch_size,
                                    num_workers=self.cfg.num_workers, persistent_workers=self.cfg.num_workers > 0)
 
-    def val_dataloader(self) -> ResumableDataLoader:
+    def val_dataloader(self) -> ResumableDataLoader | ShardLoader:
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        if self.cfg.source == "webdataset":  # the same rows at every validation: always epoch 0
+            key = "val_shards" if self.cfg.val_shards else "train_shards"
+            return self._shard_loader(key, "val_rows", rank, world, 0, lambda: 0)
         sampler = ResumableRowSampler(len(self.val_set), rank=rank, world_size=world)
         return ResumableDataLoader(self.val_set, sampler, batch_size=min(self.cfg.batch_size, len(sampler)))
 
     # ------------------------------------------------------------------ helpers
+    def _shard_loader(self, key: str, rows_key: str, rank: int, world: int, num_workers: int,
+                      epoch_of: Callable[[], int]) -> ShardLoader:
+        return shard_loader(self.cfg, key, self._load_tokenizer(), task_weights(self.cfg.tasks), rows_key=rows_key,
+                            seed=self.seed, rank=rank, world_size=world, num_workers=num_workers,
+                            epoch_of=epoch_of, skipped=self.skipped)
+
+    def _fit_epoch(self) -> int:
+        """The epoch Lightning hands to samplers' ``set_epoch`` (a streaming loader has no sampler)."""
+        return self.trainer.fit_loop.epoch_progress.current.processed if self.trainer else 0
+
     def _load_tokenizer(self) -> MultimodalTokenizer:
         if self.tokenizer is None:
             self.tokenizer = MultimodalTokenizer.from_dir(self.tokenizer_dir)

@@ -29,8 +29,10 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -71,6 +73,7 @@ ENCODE_BATCH = 64
 STRICT_HINT = "(data.strict=true stops at the first bad record; data.strict=false skips and counts them)"
 
 Part = tuple[str, str | int]  # ("text", text) or ("image", row of JsonlCache.codes)
+T = TypeVar("T")
 
 
 class JsonlRecordError(ValueError):
@@ -124,16 +127,20 @@ class JsonlCache:
 
 
 @dataclass
-class _SkipReport:
-    """Counts (or, strict, raises for) bad records; logs the first ``MAX_LOGGED_SKIPS`` with file:line."""
+class SkipReport:
+    """Counts (or, strict, raises ``error`` for) bad records; logs the first ``MAX_LOGGED_SKIPS`` with ``where``.
+
+    ``where`` locates the record for the user: ``file:line`` here, ``shard:key`` for the webdataset source.
+    """
 
     skipped: Counter
     strict: bool
+    error: type[ValueError] = JsonlRecordError
     logged: int = 0
 
     def __call__(self, where: str, reason: str, detail: str, fix: str) -> None:
         if self.strict:
-            raise JsonlRecordError(f"{where}: {detail}; {fix} {STRICT_HINT}")
+            raise self.error(f"{where}: {detail}; {fix} {STRICT_HINT}")
         self.skipped[reason] += 1
         self.logged += 1
         if self.logged <= MAX_LOGGED_SKIPS:
@@ -176,7 +183,7 @@ def load_or_build_jsonl_cache(cfg: DictConfig, path: str | Path, tok: Multimodal
     source = resolve_path(path)
     if not source.is_file():
         raise FileNotFoundError(f"JSONL data file {source} does not exist; fix data.train_path / data.val_path")
-    report = _SkipReport(skipped, bool(cfg.strict))
+    report = SkipReport(skipped, bool(cfg.strict))
     before = sum(skipped.values())
     pending = [p for p in (_parse_line(source, number, raw, report)
                            for number, raw in enumerate(source.read_bytes().splitlines(), start=1)) if p]
@@ -199,7 +206,7 @@ def load_or_build_jsonl_cache(cfg: DictConfig, path: str | Path, tok: Multimodal
 
 
 # ---------------------------------------------------------------------------------------- parsing
-def _parse_line(source: Path, number: int, raw: bytes, report: _SkipReport) -> _Pending | None:
+def _parse_line(source: Path, number: int, raw: bytes, report: SkipReport) -> _Pending | None:
     """One line -> a pending record, or None (blank line, or a bad record that ``report`` counted)."""
     where = f"{source}:{number}"
     try:
@@ -217,9 +224,10 @@ def _parse_line(source: Path, number: int, raw: bytes, report: _SkipReport) -> _
                "fix or remove the line (one JSON object per line)")
         return None
     if isinstance(record, dict) and "segments" in record:
-        return _parse_segments(where, source.parent, record["segments"], report)
+        parts = parse_segments(where, record["segments"], report, lambda path: _resolve(source.parent, path))
+        return _Pending(where, parts, paired=False) if parts is not None else None
     if isinstance(record, dict) and isinstance(record.get("image"), str) and isinstance(record.get("text"), str):
-        text = _check_text(where, record["text"], report)
+        text = check_text(where, record["text"], report)
         if text is None:
             return None
         return _Pending(where, [("image", _resolve(source.parent, record["image"])), ("text", text)], paired=True)
@@ -228,21 +236,27 @@ def _parse_line(source: Path, number: int, raw: bytes, report: _SkipReport) -> _
     return None
 
 
-def _parse_segments(where: str, folder: Path, segments: object, report: _SkipReport) -> _Pending | None:
+def parse_segments(where: str, segments: object, report: SkipReport,
+                   resolve: Callable[[str], T]) -> list[tuple[str, str | T]] | None:
+    """An interleaved document's ``segments`` list -> parts ``("text", text)`` / ``("image", resolve(path))``.
+
+    ``resolve`` maps an image segment's ``path`` to what the source loads it from (a file next to
+    the JSONL file, a member of a webdataset sample). None if the document is bad (``report`` counted it).
+    """
     if not isinstance(segments, list) or not segments:
         report(where, REASON_BAD_RECORD, "'segments' must be a non-empty list",
                'write {"segments": [{"type": "text", "text": ...}, {"type": "image", "path": ...}]}')
         return None
-    parts: list[tuple[str, str | Path]] = []
+    parts: list[tuple[str, str | T]] = []
     for k, seg in enumerate(segments):
         kind = seg.get("type") if isinstance(seg, dict) else None
         if kind == "text" and isinstance(seg.get("text"), str):
-            text = _check_text(f"{where} (segment {k})", seg["text"], report)
+            text = check_text(f"{where} (segment {k})", seg["text"], report)
             if text is None:
                 return None
             parts.append(("text", text))
         elif kind == "image" and isinstance(seg.get("path"), str):
-            parts.append(("image", _resolve(folder, seg["path"])))
+            parts.append(("image", resolve(seg["path"])))
         elif kind in ("text", "image"):
             field_name = "text" if kind == "text" else "path"
             report(where, REASON_BAD_RECORD, f"segment {k} of type {kind!r} has no string {field_name!r}",
@@ -252,10 +266,11 @@ def _parse_segments(where: str, folder: Path, segments: object, report: _SkipRep
             report(where, REASON_UNKNOWN_SEGMENT, f"segment {k} has unknown type {kind!r}",
                    "use segment types 'text' and 'image' only")
             return None
-    return _Pending(where, parts, paired=False)
+    return parts
 
 
-def _check_text(where: str, text: str, report: _SkipReport) -> str | None:
+def check_text(where: str, text: str, report: SkipReport) -> str | None:
+    """``text`` if it is valid, non-blank Unicode; else None (``report`` counted it)."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
@@ -274,7 +289,7 @@ def _resolve(folder: Path, path: str) -> Path:
 
 
 # ---------------------------------------------------------------------------------------- images
-def _hash_images(pending: list[_Pending], report: _SkipReport) -> None:
+def _hash_images(pending: list[_Pending], report: SkipReport) -> None:
     """Fill ``digests`` (content sha256) of every record's images; records with a missing file are dropped."""
     seen: dict[Path, str] = {}
     keep = []
@@ -296,7 +311,7 @@ def _hash_images(pending: list[_Pending], report: _SkipReport) -> None:
 
 
 def _encode_missing(pending: list[_Pending], known: set[str], tok: MultimodalTokenizer, cfg: DictConfig,
-                    report: _SkipReport) -> tuple[list[str], Tensor]:
+                    report: SkipReport) -> tuple[list[str], Tensor]:
     """Load + VQ-encode every image content not in ``known``, ``ENCODE_BATCH`` files at a time.
 
     Returns the new (digests, int32 codes); records with an unloadable image are dropped (reported).
@@ -318,7 +333,7 @@ def _encode_missing(pending: list[_Pending], known: set[str], tok: MultimodalTok
             try:
                 loaded.append((digest, load_image(image_path, max_pixels=cfg.max_pixels, min_side=cfg.min_side)))
             except ImageLoadError as err:
-                failed[digest] = (_image_reason(str(err)), str(err))
+                failed[digest] = (image_reason(str(err)), str(err))
                 if report.strict:
                     report(where, *failed[digest], fix)  # raises now rather than after encoding the rest
         if loaded:
@@ -336,7 +351,8 @@ def _encode_missing(pending: list[_Pending], known: set[str], tok: MultimodalTok
     return digests, torch.cat(codes) if codes else torch.empty(0, tok.tokens_per_image, dtype=torch.int32)
 
 
-def _image_reason(message: str) -> str:
+def image_reason(message: str) -> str:
+    """The skip reason of an :class:`ImageLoadError` message (finer than ``REASON_BAD_IMAGE`` where known)."""
     return next((reason for fragment, reason in IMAGE_REASONS if fragment in message), REASON_BAD_IMAGE)
 
 
@@ -377,7 +393,7 @@ def _write_store(path: Path, digests: list[str], codes: Tensor) -> None:
 
 # ---------------------------------------------------------------------------------------- records
 def _assemble(pending: list[_Pending], rows: dict[str, int], store_codes: Tensor, tok: MultimodalTokenizer,
-              cfg: DictConfig, report: _SkipReport) -> JsonlCache:
+              cfg: DictConfig, report: SkipReport) -> JsonlCache:
     """Pending records -> a JsonlCache holding only the images they use; applies ``data.overflow=reject``."""
     builder = tok.builder(cfg.loss_on)
     image_len = tok.tokens_per_image + 2  # <boi> codes <eoi>

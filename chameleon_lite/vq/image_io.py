@@ -1,8 +1,8 @@
 """The one place where image files and user images become tokenizer input.
 
-* :func:`load_image` decodes a file into an RGB ``PIL.Image`` (the lead's data pipeline reuses it),
-  refusing empty, corrupt, truncated, tiny and oversized (decompression-bomb) files with an
-  :class:`ImageLoadError` that names the file and the fix.
+* :func:`load_image` decodes a file (a path, its bytes or a file object) into an RGB ``PIL.Image``
+  (the JSONL and webdataset sources reuse it), refusing empty, corrupt, truncated, tiny and oversized
+  (decompression-bomb) files with an :class:`ImageLoadError` that names the file and the fix.
 * :func:`to_rgb` normalises any PIL mode the way Chameleon does: transparency is composited onto
   white, grayscale/palette/CMYK become RGB, 16-bit samples are scaled to 8 bits.
 * :func:`prepare_images` turns tensors, PIL images, paths or lists of them into one float batch
@@ -13,10 +13,12 @@
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -40,40 +42,59 @@ class ImageLoadError(ValueError):
     """An image (file or in-memory input) that cannot be tokenized; the message names it and the fix."""
 
 
-def load_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS,
-               min_side: int = DEFAULT_MIN_SIDE) -> Image.Image:
-    """Decode the image file at ``path`` into an RGB PIL image (EXIF orientation applied).
+def load_image(source: str | os.PathLike | bytes | BinaryIO, max_pixels: int = DEFAULT_MAX_PIXELS,
+               min_side: int = DEFAULT_MIN_SIDE, name: str | None = None) -> Image.Image:
+    """Decode an image file into an RGB PIL image (EXIF orientation applied).
 
-    The pixel budget is checked from the header, before any pixel is decoded. Raises
-    :class:`ImageLoadError` naming ``path`` for a missing, empty, unreadable, corrupt or
+    ``source`` is a path, the file's bytes (e.g. a webdataset tar member) or a binary file object.
+    ``name`` is what error messages call it (default: the path, the file object's ``name``, or
+    ``<image bytes>``). The pixel budget is checked from the header, before any pixel is decoded.
+    Raises :class:`ImageLoadError` naming the image for a missing, empty, unreadable, corrupt or
     truncated file, one with more than ``max_pixels`` pixels, or a short side below ``min_side``.
     """
-    path = Path(path)
-    try:
-        size_bytes = path.stat().st_size
-    except OSError as err:
-        raise ImageLoadError(f"{path}: cannot read the file ({err.strerror}); check the path") from None
+    if isinstance(source, (str, os.PathLike)):
+        fp: Path | BinaryIO = Path(source)
+        name = name or str(fp)
+        try:
+            size_bytes = fp.stat().st_size
+        except OSError as err:
+            raise ImageLoadError(f"{name}: cannot read the file ({err.strerror}); check the path") from None
+    elif isinstance(source, (bytes, bytearray, memoryview)):
+        name = name or "<image bytes>"
+        size_bytes = len(source)
+        fp = io.BytesIO(source)
+    elif hasattr(source, "read"):
+        name = name or str(getattr(source, "name", "<image file object>"))
+        size_bytes = None
+        if source.seekable():
+            start = source.tell()
+            size_bytes = source.seek(0, io.SEEK_END) - start
+            source.seek(start)
+        fp = source
+    else:
+        raise ImageLoadError(f"{name or 'image'}: unsupported type {type(source).__name__}; pass a path, the "
+                             "file's bytes or a binary file object")
     if size_bytes == 0:
-        raise ImageLoadError(f"{path}: file is empty (0 bytes); re-export the image or remove the file")
+        raise ImageLoadError(f"{name}: file is empty (0 bytes); re-export the image or remove the file")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own budget applies below
-            image = Image.open(path)
+            image = Image.open(fp)
     except UnidentifiedImageError:
-        raise ImageLoadError(f"{path}: not a readable image (unknown format or corrupt header); "
+        raise ImageLoadError(f"{name}: not a readable image (unknown format or corrupt header); "
                              "convert it to PNG/JPEG or remove the file") from None
     except Image.DecompressionBombError as err:
-        raise ImageLoadError(f"{path}: {err} (decompression-bomb guard); downscale the image") from None
+        raise ImageLoadError(f"{name}: {err} (decompression-bomb guard); downscale the image") from None
     except OSError as err:
-        raise ImageLoadError(f"{path}: cannot open image ({err}); check the file") from None
+        raise ImageLoadError(f"{name}: cannot open image ({err}); check the file") from None
     with image:
-        check_image_size(image.width, image.height, str(path), max_pixels, min_side)
+        check_image_size(image.width, image.height, name, max_pixels, min_side)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
                 image.load()
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-            raise ImageLoadError(f"{path}: image data is corrupt or truncated ({err}); "
+            raise ImageLoadError(f"{name}: image data is corrupt or truncated ({err}); "
                                  "re-export the image or remove the file") from None
         return to_rgb(image)
 

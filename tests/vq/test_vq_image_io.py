@@ -66,6 +66,41 @@ def test_bad_files_raise_image_load_error_naming_the_path(files, kind, message):
     assert isinstance(err.value, ValueError)
 
 
+@pytest.mark.parametrize("kind, message", [
+    ("good", None),
+    ("corrupt", "not a readable image"),
+    ("empty", r"empty \(0 bytes\)"),
+    ("truncated", "corrupt or truncated"),
+    ("tiny", r"1x1 pixels is smaller than min_side=8"),
+])
+@pytest.mark.parametrize("form", ["bytes", "file object"])
+def test_bytes_and_file_objects_load_like_the_file(files, kind, message, form):
+    """A webdataset tar member arrives as bytes: same decoding and guards as the path, named by ``name``."""
+    data = files[kind].read_bytes()
+    source = data if form == "bytes" else io.BytesIO(data)
+    if message is None:
+        image = load_image(source, name="shard-000.tar:0001.png")
+        assert image.mode == "RGB" and image.tobytes() == load_image(files[kind]).tobytes()
+        return
+    with pytest.raises(ImageLoadError, match=message) as err:
+        load_image(source, name="shard-000.tar:0001.png")
+    assert str(err.value).startswith("shard-000.tar:0001.png: ")
+
+
+def test_bytes_keep_the_pixel_budget_sixteen_bit_and_transparency_rules(files):
+    with pytest.raises(ImageLoadError, match=r"<image bytes>: 200x100 = 20000 pixels exceeds max_pixels=10000"):
+        load_image(files["big"].read_bytes(), max_pixels=10_000)
+    rgb = np.zeros((16, 16, 3), dtype=np.uint16)
+    rgb[..., 0], rgb[..., 2] = 65535, 257 * 50
+    assert load_image(rgb16_png(rgb)).getpixel((3, 3)) == (255, 0, 50)
+    rgba = Image.new("RGBA", (10, 10), (255, 0, 0, 0))
+    rgba.putpixel((0, 0), (255, 0, 0, 255))
+    image = load_image(png_bytes(rgba))
+    assert image.getpixel((0, 0)) == (255, 0, 0) and image.getpixel((5, 5)) == (255, 255, 255)
+    with pytest.raises(ImageLoadError, match="unsupported type int"):
+        load_image(3)
+
+
 def test_missing_file_names_the_path(tmp_path):
     with pytest.raises(ImageLoadError, match="missing.png: cannot read"):
         load_image(tmp_path / "missing.png")
