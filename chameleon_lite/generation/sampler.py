@@ -357,8 +357,30 @@ class Sampler:
         if g > 1:
             guidance_keep = run.rules.image_context[tokens].repeat(g - 1)
             keep = torch.cat([torch.ones_like(tokens, dtype=torch.bool), guidance_keep])
+        head = self._head_slice(run.left)
         logits = self._decode_call(tokens.repeat(g)[:, None], positions=run.positions[:, None],
                                    kv_cache=run.cache, token_mask=None if g == 1 else keep[:, None],
-                                   logits_to_keep=1)
-        run.logits = logits[:, -1].float()
+                                   logits_to_keep=1, vocab_slice=head)
+        if head is None:
+            run.logits = logits[:, -1].float()
+        else:  # ids outside the slice are disallowed in every row's mode: the bias sets them to -inf
+            run.logits = logits.new_zeros((logits.shape[0], self.vocab.size), dtype=torch.float32)
+            run.logits[:, head] = logits[:, -1]
         run.positions += keep
+
+    def _head_slice(self, left: Tensor) -> slice | None:
+        """The contiguous id range that holds every id the rows may draw next, when all rows are in the
+        same mode: text mode -> specials + text ids, image mode -> the image codes, image complete ->
+        ``<eoi>``. None (the whole head) for rows in mixed modes, and on accelerators, where reading
+        the modes back to the host every step would cost more than the head rows it saves."""
+        if left.device.type != "cpu":
+            return None
+        low, high = int(left.min()), int(left.max())
+        v = self.vocab
+        if high < 0:
+            return slice(0, v.image_offset)
+        if low > 0:
+            return slice(v.image_offset, v.image_offset + v.n_image)
+        if low == high == 0:
+            return slice(v.eoi_id, v.eoi_id + 1)
+        return None

@@ -172,6 +172,7 @@ class ChameleonLM(nn.Module):
         token_mask: Tensor | None = None,
         logits_to_keep: int | None = None,
         return_hidden: bool = False,
+        vocab_slice: slice | None = None,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """Next-token logits for `input_ids` (B, T) int64.
 
@@ -184,6 +185,9 @@ class ChameleonLM(nn.Module):
         token_mask: (B, T) bool, False = left padding: those slots are never attended to.
         logits_to_keep: compute logits for the last k positions only (sampling needs the last one).
         return_hidden: also return the final-normed hidden states (B, T, dim) the head reads.
+        vocab_slice: compute logits for the ids in this contiguous range only (a view of the head's
+            rows, no copy): a decode step whose rows may only draw text ids, or only image codes, skips
+            the rest of the head. The last dim of the logits is then the slice's length.
 
         Returns logits (B, T or logits_to_keep, vocab) in the compute dtype (bf16 under bf16 autocast),
         or (logits, hidden).
@@ -201,7 +205,11 @@ class ChameleonLM(nn.Module):
         if kv_cache is not None:
             kv_cache.length += T
 
-        logits = self.lm_head(hidden if logits_to_keep is None else hidden[:, -logits_to_keep:])
+        hidden_kept = hidden if logits_to_keep is None else hidden[:, -logits_to_keep:]
+        if vocab_slice is None:
+            logits = self.lm_head(hidden_kept)
+        else:
+            logits = F.linear(hidden_kept, self.lm_head.weight[vocab_slice])
         return (logits, hidden) if return_hidden else logits
 
     def _attention_inputs(

@@ -68,6 +68,16 @@ def _full_logits(model, ids):
     return model(torch.tensor([ids]))[0, -1]
 
 
+def test_head_slice_covers_exactly_the_ids_of_the_rows_mode(sampler, vocab):
+    """Rows all in one mode compute only that mode's block of the head; mixed modes compute all of it."""
+    text, image, end = (sampler._head_slice(torch.tensor(left)) for left in ([-1, -1], [5, 1], [0, 0]))
+    ids = torch.arange(vocab.size)
+    assert bool(vocab.is_image_id(ids[image]).all()) and len(ids[image]) == vocab.n_image
+    assert not bool(vocab.is_image_id(ids[text]).any()) and len(ids[text]) == vocab.image_offset
+    assert ids[end].tolist() == [vocab.eoi_id]
+    assert sampler._head_slice(torch.tensor([-1, 3])) is None and sampler._head_slice(torch.tensor([0, 2])) is None
+
+
 @pytest.mark.parametrize("guidance", [{}, {"cfg_scale": 3.0}, {"cfg_scale": 3.0, "cfg_image_scale": 1.5}])
 def test_cached_decoding_matches_full_forward_for_every_model_row(sampler, model, vocab, prompts, guidance):
     """White-box: after each decode step, the logits of every model row (conditional, image-conditioned,
@@ -78,6 +88,8 @@ def test_cached_decoding_matches_full_forward_for_every_model_row(sampler, model
     run = sampler._prefill(prompts, cfg)
     n, checked, image_after_text = len(prompts), 0, 0
     for step in range(cfg.max_new_tokens):
+        head = sampler._head_slice(run.left) if step else slice(None)  # the ids this step's feed computes
+        head = slice(None) if head is None else head
         sampler._step(run, step)  # feeds the tokens of step - 1: run.logits now follow out[:, :step]
         fed = run.out[:, :step].tolist()
         for i, prompt in enumerate(prompts):
@@ -93,7 +105,8 @@ def test_cached_decoding_matches_full_forward_for_every_model_row(sampler, model
                     rows[cfg.guidance_rows - 1] = sampler._unconditional_prompt(prompt) + context
             for block, ids in rows.items():
                 expected = _full_logits(model, ids)
-                torch.testing.assert_close(run.logits[block * n + i], expected, atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(run.logits[block * n + i, head], expected[head], atol=1e-5,
+                                           rtol=1e-5)
                 checked += 1
     assert checked >= cfg.max_new_tokens
     assert image_after_text > 0 or cfg.guidance_rows == 1  # an image was drawn after generated text
