@@ -3,35 +3,18 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
+from chameleon_lite.checkpoint import export_weights
 from chameleon_lite.config import ConfigError, hydra_app, require, resolve_path
 from chameleon_lite.data.datamodule import ChameleonDataModule
 from chameleon_lite.model import ModelConfig
 from chameleon_lite.train.module import ChameleonLightningModule
-from chameleon_lite.train.trainer import build_trainer
-from chameleon_lite.checkpoint import export_weights
+from chameleon_lite.train.trainer import build_trainer, resolve_ckpt_path
 
 log = logging.getLogger(__name__)
-
-
-def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
-    """``last`` -> ``<run_dir>/checkpoints/last.ckpt`` (None when no checkpoint exists yet: a fresh start)."""
-    if ckpt_path in (None, "", "null"):
-        return None
-    if ckpt_path == "last":
-        last = run_dir / "checkpoints" / "last.ckpt"
-        if not last.is_file():
-            log.warning("ckpt_path=last but %s does not exist: starting from scratch", last)
-            return None
-        return str(last)
-    path = resolve_path(ckpt_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"ckpt_path={ckpt_path}: no such checkpoint file")
-    return str(path)
 
 
 def build_model_config(cfg: DictConfig, vocab_size: int) -> ModelConfig:

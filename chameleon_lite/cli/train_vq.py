@@ -16,9 +16,8 @@ from typing import Any
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
-from chameleon_lite.cli.train import resolve_ckpt_path
 from chameleon_lite.config import hydra_app, require, resolve_path
-from chameleon_lite.train.trainer import build_trainer
+from chameleon_lite.train.trainer import build_trainer, resolve_ckpt_path
 from chameleon_lite.vq.data import VQDataModule
 from chameleon_lite.vq.module import VQModule
 

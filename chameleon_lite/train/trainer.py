@@ -2,14 +2,34 @@
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from chameleon_lite.config import ConfigError
+from chameleon_lite.config import ConfigError, resolve_path
 from chameleon_lite.train.checkpoint_io import AtomicCheckpointIO
+
+log = logging.getLogger(__name__)
+
+
+def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
+    """``last`` -> ``<run_dir>/checkpoints/last.ckpt`` (None when no checkpoint exists yet: a fresh start)."""
+    if ckpt_path in (None, "", "null"):
+        return None
+    if ckpt_path == "last":
+        last = run_dir / "checkpoints" / "last.ckpt"
+        if not last.is_file():
+            log.warning("ckpt_path=last but %s does not exist: starting from scratch", last)
+            return None
+        return str(last)
+    path = resolve_path(ckpt_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"ckpt_path={ckpt_path}: no such checkpoint file")
+    return str(path)
 
 
 def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
