@@ -35,7 +35,7 @@ class MultimodalTokenizer:
 
     @classmethod
     def from_dir(cls, path: str | os.PathLike, load_image: bool = True,
-                 device: torch.device | str = "cpu") -> "MultimodalTokenizer":
+                 device: torch.device | str = "cpu") -> MultimodalTokenizer:
         path = Path(path)
         if not path.is_dir():
             raise FileNotFoundError(f"tokenizer directory {path} does not exist; build it with "

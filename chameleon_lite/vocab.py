@@ -178,7 +178,7 @@ class UnifiedVocab:
                 "image_offset": self.image_offset}
 
     @classmethod
-    def from_dict(cls, data: dict, source: str = "<dict>") -> "UnifiedVocab":
+    def from_dict(cls, data: dict, source: str = "<dict>") -> UnifiedVocab:
         version = data.get("format_version")
         if version != FORMAT_VERSION:
             raise VocabError(f"{source}: vocab format_version {version!r} is not supported (expected "
@@ -196,7 +196,7 @@ class UnifiedVocab:
         atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "UnifiedVocab":
+    def load(cls, path: str | os.PathLike) -> UnifiedVocab:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"vocab file {path} does not exist; build it with `chameleon-tokenizer`")
@@ -206,7 +206,7 @@ class UnifiedVocab:
             raise VocabError(f"{path}: not valid JSON ({err})") from None
         return cls.from_dict(data, source=str(path))
 
-    def check_compatible(self, other: "UnifiedVocab", this_name: str = "this vocab",
+    def check_compatible(self, other: UnifiedVocab, this_name: str = "this vocab",
                          other_name: str = "the other vocab") -> None:
         if self.layout != other.layout:
             raise VocabMismatchError(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
+
 from chameleon_lite.config import compose_config
 
 os.environ.setdefault("MPLBACKEND", "Agg")

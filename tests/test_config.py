@@ -4,11 +4,11 @@ import subprocess
 import sys
 
 import pytest
+from conftest import compose_config
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from chameleon_lite.config import CONF_DIR
-from conftest import compose_config
 
 PRIMARY = sorted(p.stem for p in CONF_DIR.glob("*.yaml"))
 

@@ -5,12 +5,12 @@ import os
 
 import pytest
 import torch
+from conftest import compose_config
 
 from chameleon_lite.cli.eval import evaluate
 from chameleon_lite.cli.generate import generate
 from chameleon_lite.config import REPO_ROOT
 from chameleon_lite.generation.api import Generator
-from conftest import compose_config
 
 pytestmark = pytest.mark.slow
 

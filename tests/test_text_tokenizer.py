@@ -76,9 +76,10 @@ def test_missing_model_file(tmp_path):
 
 def test_shipped_artifacts_are_rebuilt_bit_identically(tmp_path):
     """`chameleon-tokenizer` with its defaults reproduces the committed tokenizers/shapes files."""
+    from conftest import compose_config
+
     from chameleon_lite.cli.tokenizer import build_tokenizer
     from chameleon_lite.config import TOKENIZERS_DIR
-    from conftest import compose_config
 
     build_tokenizer(compose_config("train_tokenizer", [f"tokenizer.dir={tmp_path}"]))
     for name in ("text.model", "vocab.json"):

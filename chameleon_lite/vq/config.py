@@ -12,7 +12,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-
 #: Encoder kinds (see :class:`VQConfig`).
 ENCODERS: tuple[str, ...] = ("conv", "patch")
 

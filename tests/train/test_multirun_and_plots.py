@@ -2,9 +2,10 @@ import subprocess
 import sys
 
 import pytest
-
-from chameleon_lite.cli.plot_runs import find_runs, main as plot_main
 from conftest import TINY_TRAIN
+
+from chameleon_lite.cli.plot_runs import find_runs
+from chameleon_lite.cli.plot_runs import main as plot_main
 
 
 @pytest.mark.slow
