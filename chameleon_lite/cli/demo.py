@@ -64,7 +64,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     print("[demo 4/5] sampling")
     gen = Generator.load(ckpt)
-    images = gen.generate_images(DEMO_PROMPTS, n=4, cfg_scale=3.0, seed=0)
+    sampling = compose_config("eval", [f"ckpt={ckpt}", *eval_overrides])  # the eval's CFG and temperature
+    images = gen.generate_images(DEMO_PROMPTS, n=4, cfg_scale=sampling.cfg_scale,
+                                 temperature=sampling.image_temperature, seed=0)
     t2i = save_captioned_grid(images, [p for p in DEMO_PROMPTS for _ in range(4)], out_dir / "samples_t2i.png", nrow=4)
     test = ShapesWorld(seed=0, split="test", length=8)
     test_images = [test[i].image for i in range(8)]
