@@ -19,7 +19,7 @@ $(VENV)/.base-installed: pyproject.toml constraints.txt | $(BIN)/python
 	touch $@
 
 $(VENV)/.dev-installed: pyproject.toml constraints.txt | $(BIN)/python
-	$(PIP) -e '.[dev,hf]'
+	$(PIP) -e '.[dev,hf,data]'
 	touch $@ $(VENV)/.base-installed
 
 venv: $(VENV)/.base-installed

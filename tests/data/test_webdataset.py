@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import webdataset as wds
 from conftest import TINY_TRAIN
 from omegaconf import ListConfig
 from PIL import Image
@@ -26,6 +25,8 @@ from chameleon_lite.data.sequences import ImageSegment, TextSegment
 from chameleon_lite.data.shapes import ShapesWorld
 from chameleon_lite.data.webdataset import ShardSampleError, shard_loader, shard_urls
 from chameleon_lite.multimodal_tokenizer import MultimodalTokenizer
+
+wds = pytest.importorskip("webdataset", reason="data=webdataset needs the data extra: pip install -e '.[data]'")
 
 N_SHARDS = 4
 
