@@ -33,6 +33,7 @@ def train(cfg: DictConfig) -> dict:
     """Run one training job; returns final metrics and the paths it wrote."""
     L.seed_everything(cfg.seed, workers=True)
     run_dir = resolve_path(cfg.run_dir)
+    trainer = build_trainer(cfg)  # first: a bad trainer setting fails before any data is prepared
     dm = ChameleonDataModule(cfg.data, tokenizer_dir=cfg.tokenizer.dir, seed=cfg.seed)
     dm.prepare_data()
     dm.setup("fit")
@@ -42,7 +43,6 @@ def train(cfg: DictConfig) -> dict:
     module = ChameleonLightningModule(model=model_cfg.__dict__, optim=OmegaConf.to_container(cfg.optim, resolve=True),
                                       vocab=vocab.to_dict(), total_steps=max_steps,
                                       tokenizer_dir=str(resolve_path(cfg.tokenizer.dir)))
-    trainer = build_trainer(cfg)
     log.info("model: %.2fM parameters (%.2fM without embeddings)", module.model.num_params() / 1e6,
              module.model.num_params(exclude_embeddings=True) / 1e6)
     trainer.fit(module, datamodule=dm, ckpt_path=resolve_ckpt_path(cfg.ckpt_path, run_dir))

@@ -78,3 +78,11 @@ def test_lr_schedule_shapes(schedule):
         assert values[-1] == pytest.approx(0.1) and all(a >= b - 1e-12 for a, b in zip(values[10:], values[11:]))
     with pytest.raises(ValueError, match="optim.schedule"):
         lr_lambda(50, 10, 100, "linear-ish", 0.1)
+
+
+def test_a_bad_trainer_setting_fails_before_any_data_is_prepared(tiny_train_cfg, tmp_path):
+    """The trainer is built first: Lightning's refusal (FSDP needs CUDA) comes before the token cache."""
+    cfg = tiny_train_cfg("trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2")
+    with pytest.raises(Exception, match="requires a GPU accelerator"):
+        train(cfg)
+    assert not (tmp_path / "cache").exists()
