@@ -3,9 +3,11 @@
 The layout and parameter names follow taming-transformers' encoder/decoder as used by Chameleon
 (``encoder.down.{i}.block.{j}``, ``encoder.mid.attn_1``, ``quant_conv``, ``quantize.embedding``...),
 so the encoder half loads HF ``ChameleonVQVAE`` weights key for key when the config matches
-(``norm_groups=32``, ``l2_normalize=False``). Pixels enter and leave in [-1, 1].
+(``encoder="conv"``, ``norm_groups=32``, ``l2_normalize=False``). ``encoder="patch"`` swaps in
+:class:`PatchEncoder` (each f x f patch encoded on its own); the decoder is the same for both.
+Pixels enter and leave in [-1, 1].
 
-Shapes for the ``shapes`` preset (64 px, multipliers (1, 1, 2, 2), f = 8)::
+Shapes for the ``shapes`` preset (64 px, multipliers (1, 2, 4, 4), f = 8, patch encoder)::
 
     x (B, 3, 64, 64) -> encoder -> (B, latent, 8, 8) -> quant_conv -> z (B, embed_dim, 8, 8)
       -> quantize -> codes (B, 8, 8) / q (B, embed_dim, 8, 8) -> post_quant_conv -> decoder -> (B, 3, 64, 64)
