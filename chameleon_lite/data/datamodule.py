@@ -22,6 +22,7 @@ from chameleon_lite.config import ConfigError
 from chameleon_lite.data.jsonl import JsonlCache, check_jsonl_config, load_or_build_jsonl_cache
 from chameleon_lite.data.packed_dataset import PackedDataset, ResumableDataLoader, ResumableRowSampler
 from chameleon_lite.data.sequences import Document, SequenceBuilder
+from chameleon_lite.data.shapes import CaptionParseError, canonical_caption, parse_caption
 from chameleon_lite.data.token_cache import TokenCache, load_or_build_shapes_cache
 from chameleon_lite.data.webdataset import ShardLoader, check_webdataset_config, shard_loader, shard_urls
 from chameleon_lite.multimodal_tokenizer import MultimodalTokenizer
@@ -30,6 +31,31 @@ log = logging.getLogger(__name__)
 
 TASKS = ("t2i", "caption")
 SOURCES = ("shapes", "jsonl", "webdataset")
+CAPTION_TARGETS = ("as_is", "canonical")
+
+
+def check_caption_target(data: DictConfig) -> str:
+    """``data.caption_target``: ``as_is`` (captioning documents end in the record's own caption) or
+    ``canonical`` (shapes only: the scene's one phrasing-free caption, ``canonical_caption``)."""
+    target = data.get("caption_target", "as_is")
+    if target not in CAPTION_TARGETS:
+        raise ConfigError(f"data.caption_target={target!r} is invalid: use 'as_is' or 'canonical'")
+    if target == "canonical" and data.source != "shapes":
+        raise ConfigError(f"data.caption_target=canonical rewrites shapes-world captions; data.source="
+                          f"{data.source!r} has free-text captions: use data.caption_target=as_is")
+    return target
+
+
+def caption_targets(cache: TokenCache, target: str) -> list[str]:
+    """The caption each cached image's captioning document ends in (``check_caption_target``)."""
+    if target == "as_is":
+        return list(cache.texts)
+    try:
+        return [canonical_caption(parse_caption(text)) for text in cache.texts]
+    except CaptionParseError as err:
+        raise ConfigError(f"data.caption_target=canonical needs shapes-world captions, but the token cache holds "
+                          f"one outside the grammar ({err}); delete the shapes-* files in data.cache_dir to "
+                          f"rebuild it, or use data.caption_target=as_is") from err
 
 
 def task_weights(tasks: dict) -> tuple[list[str], np.ndarray]:
@@ -44,8 +70,15 @@ def task_weights(tasks: dict) -> tuple[list[str], np.ndarray]:
 
 
 def cache_documents(cache: TokenCache, builder: SequenceBuilder, tasks: dict, seed: int, epoch: int,
-                    shuffle: bool = True) -> list[Document]:
-    """One document per cached image, its task drawn from ``tasks`` with an (seed, epoch) RNG."""
+                    shuffle: bool = True, captions: list[str] | None = None) -> list[Document]:
+    """One document per cached image, its task drawn from ``tasks`` with an (seed, epoch) RNG.
+
+    Text-to-image documents are prompted with ``cache.texts``; captioning documents end in
+    ``captions`` (default: the same texts; see ``caption_targets``).
+    """
+    captions = cache.texts if captions is None else captions
+    if len(captions) != len(cache):
+        raise ValueError(f"{len(captions)} caption targets for {len(cache)} cached images")
     names, p = task_weights(tasks)
     rng = np.random.default_rng([seed, epoch])
     order = rng.permutation(len(cache)) if shuffle else np.arange(len(cache))
@@ -55,7 +88,7 @@ def cache_documents(cache: TokenCache, builder: SequenceBuilder, tasks: dict, se
         if names[t] == "t2i":
             docs.append(builder.text_to_image(cache.texts[i], cache.codes[i]))
         else:
-            docs.append(builder.image_to_text(cache.codes[i], cache.texts[i]))
+            docs.append(builder.image_to_text(cache.codes[i], captions[i]))
     return docs
 
 
@@ -77,6 +110,7 @@ class ChameleonDataModule(L.LightningDataModule):
         if data.source == "webdataset":
             check_webdataset_config(data)
         task_weights(data.tasks)
+        self.caption_target = check_caption_target(data)
 
     # ------------------------------------------------------------------ Lightning hooks
     def prepare_data(self) -> None:
@@ -98,10 +132,12 @@ class ChameleonDataModule(L.LightningDataModule):
         cfg = self.cfg
 
         def packed(cache: TokenCache | JsonlCache, shuffle: bool) -> PackedDataset:
+            captions = None if isinstance(cache, JsonlCache) else caption_targets(cache, self.caption_target)
+
             def make_documents(epoch: int) -> list[Document]:
                 if isinstance(cache, JsonlCache):
                     return cache.documents(builder, *task_weights(cfg.tasks), self.seed, epoch, shuffle)
-                return cache_documents(cache, builder, cfg.tasks, self.seed, epoch, shuffle)
+                return cache_documents(cache, builder, cfg.tasks, self.seed, epoch, shuffle, captions)
 
             return PackedDataset(make_documents,
                                  seq_len=cfg.seq_len, pad_id=tok.vocab.pad_id, overflow=cfg.overflow,

@@ -21,7 +21,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from chameleon_lite.data.shapes_captions import CaptionParseError, parse_caption, render_caption
+from chameleon_lite.data.shapes_captions import (
+    CaptionParseError,
+    canonical_caption,
+    parse_caption,
+    render_caption,
+)
 from chameleon_lite.data.shapes_detect import DetectedObject, detect_objects, scene_from_detections
 from chameleon_lite.data.shapes_scene import (
     BACKGROUND_RGB,
@@ -61,6 +66,7 @@ __all__ = [
     "ShapesSample",
     "ShapesWorld",
     "SpecEntry",
+    "canonical_caption",
     "category_of",
     "detect_objects",
     "parse_caption",

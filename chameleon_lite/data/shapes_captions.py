@@ -97,6 +97,24 @@ def render_caption(spec: SceneSpec, rng: np.random.Generator) -> str:
     return frame.format(body=body, be="is" if entries[0].count == 1 else "are")
 
 
+def canonical_caption(spec: SceneSpec) -> str:
+    """The one caption of `spec` with no phrasing choices: what a captioning target should be.
+
+    Objects in `SceneSpec` order (colour, then shape), joined by "and"; "a"/"an" for single objects;
+    a relation in its canonical direction and shortest wording ("a red circle left of a blue
+    square"). A deterministic function of the scene, so a captioner trained on it spends no
+    capacity on phrasing it cannot predict from the image. `parse_caption` returns `spec` back.
+    """
+    if spec.relation is not None:
+        rel = spec.relation
+        if spec.num_objects != 2:
+            raise ValueError(f"a relation caption needs exactly two objects, got {spec.to_dict()}")
+        subject = _noun_phrase(rel.subject.colour, rel.subject.shape, 1, None)
+        obj = _noun_phrase(rel.obj.colour, rel.obj.shape, 1, None)
+        return f"{subject} {rel.rel} {obj}"
+    return " and ".join(_noun_phrase(e.colour, e.shape, e.count, None) for e in spec.objects)
+
+
 def _alternation(words: list[str]) -> str:
     return "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True))
 

@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from chameleon_lite.data.datamodule import cache_documents
+from chameleon_lite.data.datamodule import cache_documents, caption_targets, check_caption_target
 from chameleon_lite.data.packed_dataset import PackedDataset
 from chameleon_lite.data.sequences import IGNORE_INDEX
 from chameleon_lite.data.token_cache import load_or_build_shapes_cache
@@ -25,8 +25,9 @@ def validation_loader(data_cfg, tok, seq_len: int, batch_size: int = 4) -> DataL
                                        split="val", n=data_cfg.n_val, image_size=data_cfg.image_size,
                                        holdout_pairs=data_cfg.holdout_pairs)
     builder = tok.builder(data_cfg.loss_on)
+    captions = caption_targets(cache, check_caption_target(data_cfg))
     dataset = PackedDataset(lambda epoch: cache_documents(cache, builder, data_cfg.tasks, data_cfg.seed, epoch,
-                                                          shuffle=False),
+                                                          shuffle=False, captions=captions),
                             seq_len=seq_len, pad_id=tok.vocab.pad_id, overflow=data_cfg.overflow)
     return DataLoader(dataset, batch_size=batch_size)
 

@@ -25,6 +25,7 @@ from chameleon_lite.data.shapes import (
     SceneSpec,
     ShapesSample,
     ShapesWorld,
+    canonical_caption,
     category_of,
     detect_objects,
     parse_caption,
@@ -238,6 +239,23 @@ def test_render_caption_round_trips_every_phrasing_of_a_spec():
     rng = np.random.default_rng(0)
     captions = {render_caption(spec, rng) for _ in range(200)}
     assert len(captions) >= 6 and all(parse_caption(c) == spec for c in captions)
+
+
+def test_canonical_caption_is_one_phrasing_per_scene_that_parses_back(samples):
+    by_spec: dict[SceneSpec, set[str]] = {}
+    for sample in samples["test"]:
+        assert parse_caption(canonical_caption(sample.spec)) == sample.spec
+        by_spec.setdefault(sample.spec, set()).add(canonical_caption(parse_caption(sample.caption)))
+    assert all(len(captions) == 1 for captions in by_spec.values())
+    varied = {s.spec: set() for s in samples["test"]}
+    for s in samples["test"]:
+        varied[s.spec].add(s.caption)
+    assert sum(len(v) > 1 for v in varied.values()) > 0  # the contrast: the generator's captions vary
+    spec = SceneSpec.from_keys([("orange", "circle"), ("blue", "square")],
+                               Relation(("blue", "square"), "right of", ("orange", "circle")))
+    assert canonical_caption(spec) == "an orange circle left of a blue square"
+    assert canonical_caption(SceneSpec((("red", "square", 3), ("green", "circle", 1)))) == (
+        "a green circle and three red squares")
 
 
 def test_equivalent_phrasings_parse_to_one_spec():

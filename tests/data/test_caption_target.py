@@ -1,0 +1,49 @@
+"""data.caption_target: captioning documents end in the record's caption or the scene's canonical one."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from chameleon_lite.config import ConfigError, compose_config
+from chameleon_lite.data.datamodule import ChameleonDataModule, cache_documents, caption_targets
+from chameleon_lite.data.shapes import canonical_caption, parse_caption
+
+
+def test_canonical_target_rewrites_captioning_documents_only(tiny_train_cfg):
+    cfg = tiny_train_cfg("data.n_train=64", "data.caption_target=canonical")
+    dm = ChameleonDataModule(cfg.data, cfg.tokenizer.dir)
+    tok = dm._load_tokenizer()
+    cache, _ = dm._caches(tok)
+    builder = tok.builder(cfg.data.loss_on)
+    targets = caption_targets(cache, "canonical")
+    assert targets == [canonical_caption(parse_caption(t)) for t in cache.texts]
+    assert targets != list(cache.texts)  # the generator's phrasings vary; the targets do not
+    docs = cache_documents(cache, builder, {"t2i": 0.5, "caption": 0.5}, seed=0, epoch=0, captions=targets)
+    as_is = cache_documents(cache, builder, {"t2i": 0.5, "caption": 0.5}, seed=0, epoch=0)
+    expected_t2i = {tuple(builder.text_to_image(t, c).input_ids) for t, c in zip(cache.texts, cache.codes)}
+    expected_caption = {tuple(builder.image_to_text(c, t).input_ids) for t, c in zip(targets, cache.codes)}
+    kinds = [tuple(d.input_ids) in expected_t2i for d in docs]
+    assert 0 < sum(kinds) < len(docs)  # both tasks drawn
+    for doc, other, is_t2i in zip(docs, as_is, kinds):
+        assert tuple(doc.input_ids) in (expected_t2i if is_t2i else expected_caption)
+        if is_t2i:  # same task draw: text-to-image documents are untouched
+            np.testing.assert_array_equal(doc.input_ids, other.input_ids)
+    dm.setup("fit")  # the packed training set is built from the same targets
+    assert dm.train_set.stats[0].documents == 64
+
+
+@pytest.mark.parametrize("override, match", [
+    ("data.caption_target=verbatim", "data.caption_target='verbatim' is invalid"),
+])
+def test_bad_caption_target_is_a_config_error(tiny_train_cfg, override, match):
+    cfg = tiny_train_cfg(override)
+    with pytest.raises(ConfigError, match=match):
+        ChameleonDataModule(cfg.data, cfg.tokenizer.dir)
+
+
+def test_canonical_target_needs_shapes_captions(tmp_path):
+    cfg = compose_config("train", ["data=jsonl", f"data.train_path={tmp_path / 't.jsonl'}",
+                                   "+data.caption_target=canonical"])
+    with pytest.raises(ConfigError, match="free-text captions: use data.caption_target=as_is"):
+        ChameleonDataModule(cfg.data, cfg.tokenizer.dir)
