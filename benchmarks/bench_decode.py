@@ -14,6 +14,10 @@ Never asserted anywhere: this prints a Markdown table.
 
     python benchmarks/bench_decode.py              # reference shape: dim 256, 4 layers, 4 heads, vocab 8192
     python benchmarks/bench_decode.py --compile    # + a torch.compile'd sampler row (compile time excluded)
+    python benchmarks/bench_decode.py --no-int8    # without the int8 weight-only sampler row
+
+The int8 row (`Generator.load(..., quantize="int8")`) is a different numeric model: the script prints how
+many of its greedy tokens equal the fp32 sampler's and its largest relative logit error.
     python benchmarks/bench_decode.py --quick      # seconds: smoke run
 """
 
@@ -30,6 +34,7 @@ from torch import nn
 
 from chameleon_lite.generation import Sampler, SamplingConfig
 from chameleon_lite.generation.logits import gumbel_noise, mix_guidance, pick_tokens
+from chameleon_lite.generation.quantize import quantize_int8
 from chameleon_lite.interop.hf import to_hf
 from chameleon_lite.model import ChameleonLM, ModelConfig
 from chameleon_lite.vocab import UnifiedVocab
@@ -138,6 +143,7 @@ def main() -> None:
     parser.add_argument("--cfg-scale", type=float, default=3.0)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--compile", action="store_true", help="add a torch.compile'd sampler row")
+    parser.add_argument("--no-int8", dest="int8", action="store_false", help="skip the int8 weight-only row")
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.image_rounds, args.new_tokens, args.batch, args.tokens_per_image = 1, 1, 16, 2, 16
@@ -153,6 +159,9 @@ def main() -> None:
     if args.compile:
         compiled = Sampler(model, vocab, args.tokens_per_image, compile=True)
         samplers["chameleon-lite Sampler (compile)"] = compiled
+    int8_name = "chameleon-lite Sampler, int8 weight-only"
+    if args.int8:
+        samplers[int8_name] = Sampler(quantize_int8(model), vocab, args.tokens_per_image)
 
     def hf_generate() -> int:
         with torch.inference_mode():
@@ -182,7 +191,17 @@ def main() -> None:
     print(f"\nDecode benchmark: dim {model.cfg.dim}, {model.cfg.n_layers} layers, {model.cfg.n_heads} heads, "
           f"vocab {vocab.size}, fp32, {torch.get_num_threads()} CPU thread(s), HF attention "
           f"{hf.config._attn_implementation}; medians over rounds")
-    print(f"max |logit difference| HF vs chameleon-lite, same weights: {check:.2e}\n")
+    print(f"max |logit difference| HF vs chameleon-lite, same weights: {check:.2e}")
+    if args.int8:
+        fp32_tokens = samplers["chameleon-lite Sampler"].generate([prompt], greedy)[0]
+        int8_tokens = samplers[int8_name].generate([prompt], greedy)[0]
+        same = next((i for i, (a, b) in enumerate(zip(fp32_tokens, int8_tokens)) if a != b), len(fp32_tokens))
+        with torch.inference_mode():
+            full, quant = model(hf_ids)[0], samplers[int8_name].model(hf_ids)[0]
+        rel = ((quant - full).norm(dim=-1) / full.norm(dim=-1)).max().item()
+        print(f"int8 weight-only vs fp32: greedy tokens identical for the first {same} of {len(fp32_tokens)}; "
+              f"largest relative logit error over the prompt {rel:.2%}")
+    print()
     print(table(f"batch-1 greedy decode, prompt {args.prompt_len}, {args.new_tokens} new tokens, "
                 f"{args.rounds} rounds", "tok/s", decode, hf_name))
     print()

@@ -30,7 +30,7 @@ def _generator(cfg: DictConfig):
 
     if not cfg.ckpt:
         raise ConfigError(f"task={cfg.task} needs ckpt=path/to/last.ckpt (or an exported model dir)")
-    return Generator.load(resolve_path(cfg.ckpt), device=cfg.device)
+    return Generator.load(resolve_path(cfg.ckpt), device=cfg.device, quantize=cfg.quantize)
 
 
 def _grid(examples: list, path: Path, n: int) -> str:

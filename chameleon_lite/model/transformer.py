@@ -208,8 +208,10 @@ class ChameleonLM(nn.Module):
         hidden_kept = hidden if logits_to_keep is None else hidden[:, -logits_to_keep:]
         if vocab_slice is None:
             logits = self.lm_head(hidden_kept)
-        else:
+        elif isinstance(self.lm_head, nn.Linear):
             logits = F.linear(hidden_kept, self.lm_head.weight[vocab_slice])
+        else:  # a head with its own row selection (generation.quantize.Int8Linear)
+            logits = self.lm_head.rows(hidden_kept, vocab_slice)
         return (logits, hidden) if return_hidden else logits
 
     def _attention_inputs(
