@@ -200,7 +200,8 @@ class ChameleonDataModule(L.LightningDataModule):
         if cfg.source == "shapes":
             common = dict(cache_dir=Path(cfg.cache_dir), vq_dir=self.tokenizer_dir, image_tokenizer=tok.image,
                           seed=cfg.seed, image_size=cfg.image_size, holdout_pairs=cfg.holdout_pairs)
-            return (load_or_build_shapes_cache(split="train", n=cfg.n_train, **common),
+            return (load_or_build_shapes_cache(split="train", n=cfg.n_train,
+                                               category_weights=cfg.get("category_weights"), **common),
                     load_or_build_shapes_cache(split="val", n=cfg.n_val, **common))
         train = load_or_build_jsonl_cache(cfg, cfg.train_path, tok, self.tokenizer_dir, self.skipped)
         val = (load_or_build_jsonl_cache(cfg, cfg.val_path, tok, self.tokenizer_dir, self.skipped)

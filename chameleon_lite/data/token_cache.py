@@ -50,13 +50,20 @@ def cache_key(settings: dict) -> str:
 
 
 def load_or_build_shapes_cache(cache_dir: Path, vq_dir: Path, image_tokenizer, *, seed: int, split: str,
-                               n: int, image_size: int, holdout_pairs, batch_size: int = 256) -> TokenCache:
-    """Encode ``n`` shapes-world samples of ``split`` (or load them if cached with the same key)."""
+                               n: int, image_size: int, holdout_pairs, category_weights=None,
+                               batch_size: int = 256) -> TokenCache:
+    """Encode ``n`` shapes-world samples of ``split`` (or load them if cached with the same key).
+
+    ``category_weights`` (category -> weight; None: all equal) is part of the key only when given, so
+    caches built without it stay valid."""
     from chameleon_lite.data.shapes import ShapesWorld
 
     settings = {"source": "shapes", "seed": seed, "split": split, "n": n, "image_size": image_size,
                 "holdout_pairs": [list(p) for p in holdout_pairs],
                 "vq": file_digest(Path(vq_dir) / "vq.safetensors")}
+    if category_weights is not None:
+        category_weights = {str(k): float(v) for k, v in dict(category_weights).items()}
+        settings["category_weights"] = dict(sorted(category_weights.items()))
     key = f"shapes-{split}-{cache_key(settings)}"
     codes_path, meta_path = Path(cache_dir) / f"{key}.safetensors", Path(cache_dir) / f"{key}.json"
     if codes_path.is_file() and meta_path.is_file():
@@ -64,7 +71,7 @@ def load_or_build_shapes_cache(cache_dir: Path, vq_dir: Path, image_tokenizer, *
         return TokenCache(load_file(str(codes_path))["codes"].long(), meta["texts"], meta["meta"])
 
     world = ShapesWorld(seed=seed, image_size=image_size, split=split, length=n,
-                        holdout_pairs=tuple(tuple(p) for p in holdout_pairs))
+                        holdout_pairs=tuple(tuple(p) for p in holdout_pairs), category_weights=category_weights)
     codes, texts, metas = [], [], []
     for start in tqdm(range(0, n, batch_size), desc=f"VQ-encoding shapes {split} ({n} images)", unit="batch"):
         samples = [world[i] for i in range(start, min(n, start + batch_size))]

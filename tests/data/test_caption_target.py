@@ -47,3 +47,16 @@ def test_canonical_target_needs_shapes_captions(tmp_path):
                                    "+data.caption_target=canonical"])
     with pytest.raises(ConfigError, match="free-text captions: use data.caption_target=as_is"):
         ChameleonDataModule(cfg.data, cfg.tokenizer.dir)
+
+
+def test_category_weights_shape_the_training_cache_only(tiny_train_cfg):
+    cfg = tiny_train_cfg("data.n_train=48", "data.n_val=24", "data.category_weights={position: 3, counting: 1}")
+    dm = ChameleonDataModule(cfg.data, cfg.tokenizer.dir)
+    train, val = dm._caches(dm._load_tokenizer())
+    train_categories = [m["category"] for m in train.meta]
+    assert set(train_categories) == {"position", "counting"}
+    assert train_categories.count("position") > train_categories.count("counting")
+    assert len({m["category"] for m in val.meta}) > 2  # val keeps every category: comparable val losses
+    bad = tiny_train_cfg("data.category_weights={positions: 1}")
+    with pytest.raises(ValueError, match="category_weights must map categories"):
+        ChameleonDataModule(bad.data, bad.tokenizer.dir).prepare_data()
