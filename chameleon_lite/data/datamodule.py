@@ -34,6 +34,16 @@ SOURCES = ("shapes", "jsonl", "webdataset")
 CAPTION_TARGETS = ("as_is", "canonical")
 
 
+PACKING_WARN_BELOW = 0.9
+
+
+def _tighter_seq_len(seq_len: int, mean_doc_len: float) -> int:
+    """The nearest row length to ``seq_len`` that holds a whole number of mean-length documents, plus 2%
+    slack for their spread, rounded up to a multiple of 8."""
+    docs = max(1, round(seq_len / mean_doc_len))
+    return int(-(-docs * mean_doc_len * 1.02 // 8) * 8)
+
+
 def check_caption_target(data: DictConfig) -> str:
     """``data.caption_target``: ``as_is`` (captioning documents end in the record's own caption) or
     ``canonical`` (shapes only: the scene's one phrasing-free caption, ``canonical_caption``)."""
@@ -149,6 +159,12 @@ class ChameleonDataModule(L.LightningDataModule):
         log.info("packed %d documents into %d rows of %d tokens (%.1f%% real tokens, %d split, %d rejected)",
                  stats.documents, stats.rows, cfg.seq_len, 100 * stats.real_fraction, stats.split_documents,
                  stats.rejected_documents)
+        if stats.real_fraction < PACKING_WARN_BELOW and stats.documents > stats.rows:
+            mean = stats.real_tokens / stats.documents
+            log.warning("rows of data.seq_len=%d tokens are only %.0f%% real tokens: documents average %.0f tokens "
+                        "and a row's leftover is shorter than the next document. A seq_len a few tokens above a "
+                        "multiple of the mean document length packs tighter (e.g. %d)", cfg.seq_len,
+                        100 * stats.real_fraction, mean, _tighter_seq_len(cfg.seq_len, mean))
         if stats.rejected_documents:
             self.skipped["document longer than seq_len (data.overflow=reject)"] += stats.rejected_documents
 

@@ -1,6 +1,9 @@
-"""data.caption_target: captioning documents end in the record's caption or the scene's canonical one."""
+"""ChameleonDataModule options on the shapes source: caption targets, category weights, packing advice."""
 
 from __future__ import annotations
+
+import logging
+import re
 
 import numpy as np
 import pytest
@@ -60,3 +63,16 @@ def test_category_weights_shape_the_training_cache_only(tiny_train_cfg):
     bad = tiny_train_cfg("data.category_weights={positions: 1}")
     with pytest.raises(ValueError, match="category_weights must map categories"):
         ChameleonDataModule(bad.data, bad.tokenizer.dir).prepare_data()
+
+
+def test_loose_packing_is_logged_with_a_tighter_row_length(tiny_train_cfg, caplog):
+    cfg = tiny_train_cfg("data.n_train=64", "data.seq_len=160")  # 73-104-token documents: 1 per row, ~55% real
+    dm = ChameleonDataModule(cfg.data, cfg.tokenizer.dir)
+    with caplog.at_level(logging.WARNING, logger="chameleon_lite.data.datamodule"):
+        dm.setup("fit")
+    warning = next(r.getMessage() for r in caplog.records if "only" in r.getMessage())
+    suggested = int(re.search(r"\(e\.g\. (\d+)\)", warning).group(1))
+    assert "data.seq_len=160" in warning and 160 < suggested <= 200
+    tighter = ChameleonDataModule(tiny_train_cfg("data.n_train=64", f"data.seq_len={suggested}").data, cfg.tokenizer.dir)
+    tighter.setup("fit")
+    assert tighter.train_set.stats[0].real_fraction > max(0.9, dm.train_set.stats[0].real_fraction)
