@@ -22,7 +22,7 @@ from chameleon_lite.config import ConfigError
 from chameleon_lite.data.jsonl import JsonlCache, check_jsonl_config, load_or_build_jsonl_cache
 from chameleon_lite.data.packed_dataset import PackedDataset, ResumableDataLoader, ResumableRowSampler
 from chameleon_lite.data.sequences import Document, SequenceBuilder
-from chameleon_lite.data.shapes import CaptionParseError, canonical_caption, parse_caption
+from chameleon_lite.data.shapes import CATEGORIES, CaptionParseError, canonical_caption, parse_caption
 from chameleon_lite.data.token_cache import TokenCache, load_or_build_shapes_cache
 from chameleon_lite.data.webdataset import ShardLoader, check_webdataset_config, shard_loader, shard_urls
 from chameleon_lite.multimodal_tokenizer import MultimodalTokenizer
@@ -42,6 +42,18 @@ def _tighter_seq_len(seq_len: int, mean_doc_len: float) -> int:
     slack for their spread, rounded up to a multiple of 8."""
     docs = max(1, round(seq_len / mean_doc_len))
     return int(-(-docs * mean_doc_len * 1.02 // 8) * 8)
+
+
+def shapes_category_weights(data: DictConfig) -> dict[str, float] | None:
+    """``data.category_weights`` over the default of 1.0 for every shapes category: the categories it names
+    get its weights, the others keep 1.0 (0 drops one). None when unset (all equal)."""
+    given = data.get("category_weights")
+    if given is None:
+        return None
+    unknown = sorted(set(given) - set(CATEGORIES))
+    if unknown:
+        raise ConfigError(f"data.category_weights names unknown categories {unknown}: use some of {list(CATEGORIES)}")
+    return {c: float(given.get(c, 1.0)) for c in CATEGORIES}
 
 
 def check_caption_target(data: DictConfig) -> str:
@@ -121,6 +133,8 @@ class ChameleonDataModule(L.LightningDataModule):
             check_webdataset_config(data)
         task_weights(data.tasks)
         self.caption_target = check_caption_target(data)
+        if data.source == "shapes":
+            shapes_category_weights(data)
 
     # ------------------------------------------------------------------ Lightning hooks
     def prepare_data(self) -> None:
@@ -217,7 +231,7 @@ class ChameleonDataModule(L.LightningDataModule):
             common = dict(cache_dir=Path(cfg.cache_dir), vq_dir=self.tokenizer_dir, image_tokenizer=tok.image,
                           seed=cfg.seed, image_size=cfg.image_size, holdout_pairs=cfg.holdout_pairs)
             return (load_or_build_shapes_cache(split="train", n=cfg.n_train,
-                                               category_weights=cfg.get("category_weights"), **common),
+                                               category_weights=shapes_category_weights(cfg), **common),
                     load_or_build_shapes_cache(split="val", n=cfg.n_val, **common))
         train = load_or_build_jsonl_cache(cfg, cfg.train_path, tok, self.tokenizer_dir, self.skipped)
         val = (load_or_build_jsonl_cache(cfg, cfg.val_path, tok, self.tokenizer_dir, self.skipped)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 import re
+from collections import Counter
 
 import numpy as np
 import pytest
 
 from chameleon_lite.config import ConfigError, compose_config
 from chameleon_lite.data.datamodule import ChameleonDataModule, cache_documents, caption_targets
-from chameleon_lite.data.shapes import canonical_caption, parse_caption
+from chameleon_lite.data.shapes import CATEGORIES, canonical_caption, parse_caption
 
 
 def test_canonical_target_rewrites_captioning_documents_only(tiny_train_cfg):
@@ -53,16 +54,17 @@ def test_canonical_target_needs_shapes_captions(tmp_path):
 
 
 def test_category_weights_shape_the_training_cache_only(tiny_train_cfg):
-    cfg = tiny_train_cfg("data.n_train=48", "data.n_val=24", "data.category_weights={position: 3, counting: 1}")
+    cfg = tiny_train_cfg("data.n_train=96", "data.n_val=24", "data.category_weights={position: 6, counting: 0}")
     dm = ChameleonDataModule(cfg.data, cfg.tokenizer.dir)
     train, val = dm._caches(dm._load_tokenizer())
-    train_categories = [m["category"] for m in train.meta]
-    assert set(train_categories) == {"position", "counting"}
-    assert train_categories.count("position") > train_categories.count("counting")
-    assert len({m["category"] for m in val.meta}) > 2  # val keeps every category: comparable val losses
+    train_categories = Counter(m["category"] for m in train.meta)
+    # named categories get their weight, unnamed ones keep 1.0, 0 drops one: 6/11 position, no counting
+    assert set(train_categories) == set(CATEGORIES) - {"counting"}
+    assert train_categories["position"] > sum(train_categories.values()) / 3
+    assert len({m["category"] for m in val.meta}) > 3  # val keeps every category: comparable val losses
     bad = tiny_train_cfg("data.category_weights={positions: 1}")
-    with pytest.raises(ValueError, match="category_weights must map categories"):
-        ChameleonDataModule(bad.data, bad.tokenizer.dir).prepare_data()
+    with pytest.raises(ConfigError, match=r"data.category_weights names unknown categories \['positions'\]"):
+        ChameleonDataModule(bad.data, bad.tokenizer.dir)  # at construction, before any cache is built
 
 
 def test_loose_packing_is_logged_with_a_tighter_row_length(tiny_train_cfg, caplog):
