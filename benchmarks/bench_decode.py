@@ -13,8 +13,11 @@ by wall clock and by this process's CPU time (steadier when other jobs share the
 Never asserted anywhere: this prints a Markdown table.
 
     python benchmarks/bench_decode.py              # reference shape: dim 256, 4 layers, 4 heads, vocab 8192
-    python benchmarks/bench_decode.py --compile    # + a torch.compile'd sampler row (compile time excluded)
-    python benchmarks/bench_decode.py --no-int8    # without the int8 weight-only sampler row
+    python benchmarks/bench_decode.py --no-compile # without the compiled-step rows (`Sampler(compile=True)`)
+    python benchmarks/bench_decode.py --no-int8    # without the int8 weight-only rows
+
+Compiled rows (`Sampler(compile=True)`: each decode step one torch.compile graph) are warmed up once before
+timing; the compile time of their graphs is printed separately.
 
 The int8 row (`Generator.load(..., quantize="int8")`) is a different numeric model: the script prints how
 many of its greedy tokens equal the fp32 sampler's and its largest relative logit error.
@@ -92,14 +95,19 @@ class Rates:
     cpu: list[float] = field(default_factory=list)
 
 
-def alternate(engines: dict[str, Callable[[], int]], rounds: int, warm: set[str]) -> dict[str, Rates]:
+def alternate(engines: dict[str, Callable[[], int]], rounds: int, warm: set[str],
+              warm_seconds: dict[str, float] | None = None) -> dict[str, Rates]:
     """Run each engine once per round, in turn (an engine returns the units it made: tokens, images).
 
-    Engines named in `warm` first run once unmeasured (allocator, lazy init, torch.compile); the naive
-    loop is not warmed: one run of it is long enough to drown its first-call costs.
+    Engines named in `warm` first run once unmeasured (allocator, lazy init, torch.compile), the wall
+    time of that run is stored in `warm_seconds`; the naive loop is not warmed: one run of it is long
+    enough to drown its first-call costs.
     """
     for name in warm:
+        start = time.perf_counter()
         engines[name]()
+        if warm_seconds is not None:
+            warm_seconds[name] = time.perf_counter() - start
     rates = {name: Rates() for name in engines}
     for _ in range(rounds):
         for name, run in engines.items():
@@ -142,7 +150,8 @@ def main() -> None:
     parser.add_argument("--tokens-per-image", type=int, default=256)
     parser.add_argument("--cfg-scale", type=float, default=3.0)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    parser.add_argument("--compile", action="store_true", help="add a torch.compile'd sampler row")
+    parser.add_argument("--no-compile", dest="compile", action="store_false",
+                        help="skip the compiled-step rows (Sampler(compile=True))")
     parser.add_argument("--no-int8", dest="int8", action="store_false", help="skip the int8 weight-only row")
     args = parser.parse_args()
     if args.quick:
@@ -155,13 +164,13 @@ def main() -> None:
     prompt = random_prompt(vocab, args.prompt_len, ends_in_boi=False)
     hf_ids = torch.tensor([prompt])
     check = max_logit_difference(model, hf, vocab, hf_ids)
-    samplers = {"chameleon-lite Sampler": Sampler(model, vocab, args.tokens_per_image)}
-    if args.compile:
-        compiled = Sampler(model, vocab, args.tokens_per_image, compile=True)
-        samplers["chameleon-lite Sampler (compile)"] = compiled
-    int8_name = "chameleon-lite Sampler, int8 weight-only"
-    if args.int8:
-        samplers[int8_name] = Sampler(quantize_int8(model), vocab, args.tokens_per_image)
+    fp32_name, int8_name = "chameleon-lite Sampler", "chameleon-lite Sampler, int8 weight-only"
+    weights = {fp32_name: model} | ({int8_name: quantize_int8(model)} if args.int8 else {})
+    samplers = {}
+    for name, weights_model in weights.items():
+        samplers[name] = Sampler(weights_model, vocab, args.tokens_per_image)
+        if args.compile:
+            samplers[f"{name}, compiled step"] = Sampler(weights_model, vocab, args.tokens_per_image, compile=True)
 
     def hf_generate() -> int:
         with torch.inference_mode():
@@ -173,7 +182,8 @@ def main() -> None:
     greedy = SamplingConfig(max_new_tokens=args.new_tokens, text_temperature=0.0, allow_images=False)
     engines = {hf_name: hf_generate}
     engines |= {name: (lambda s=s: len(s.generate([prompt], greedy)[0])) for name, s in samplers.items()}
-    decode = alternate(engines, args.rounds, warm=set(engines))
+    compile_seconds: dict[str, float] = {}
+    decode = alternate(engines, args.rounds, warm=set(engines), warm_seconds=compile_seconds)
 
     naive_name = "naive loop (full forward per token, no cache)"
     t2i_prompts = [random_prompt(vocab, args.prompt_len, ends_in_boi=True) for _ in range(args.batch)]
@@ -186,7 +196,8 @@ def main() -> None:
 
     image_engines = {naive_name: naive}
     image_engines |= {name: (lambda s=s: len(s.generate(t2i_prompts, t2i))) for name, s in samplers.items()}
-    images = alternate(image_engines, args.image_rounds, warm=set(samplers))
+    image_compile_seconds: dict[str, float] = {}
+    images = alternate(image_engines, args.image_rounds, warm=set(samplers), warm_seconds=image_compile_seconds)
 
     print(f"\nDecode benchmark: dim {model.cfg.dim}, {model.cfg.n_layers} layers, {model.cfg.n_heads} heads, "
           f"vocab {vocab.size}, fp32, {torch.get_num_threads()} CPU thread(s), HF attention "
@@ -201,6 +212,10 @@ def main() -> None:
         rel = ((quant - full).norm(dim=-1) / full.norm(dim=-1)).max().item()
         print(f"int8 weight-only vs fp32: greedy tokens identical for the first {same} of {len(fp32_tokens)}; "
               f"largest relative logit error over the prompt {rel:.2%}")
+    for label, seconds in (("batch-1 decode", compile_seconds), ("text -> image", image_compile_seconds)):
+        firsts = ", ".join(f"{name} {t:.1f} s" for name, t in seconds.items() if "compiled" in name)
+        if firsts:
+            print(f"first (warm-up) call of the compiled rows, {label}, compile included: {firsts}")
     print()
     print(table(f"batch-1 greedy decode, prompt {args.prompt_len}, {args.new_tokens} new tokens, "
                 f"{args.rounds} rounds", "tok/s", decode, hf_name))

@@ -27,7 +27,8 @@ def generate(cfg: DictConfig) -> dict:
         raise ConfigError(f"task={cfg.task!r} is invalid: use one of {', '.join(TASKS)}")
     out_dir = resolve_path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    gen = Generator.load(resolve_path(cfg.ckpt), cfg.tokenizer_dir, device=cfg.device, quantize=cfg.quantize)
+    gen = Generator.load(resolve_path(cfg.ckpt), cfg.tokenizer_dir, device=cfg.device, quantize=cfg.quantize,
+                         compile=cfg.compile)
     prompts = as_list(cfg.prompt)
     record: dict = {"task": cfg.task, "ckpt": str(cfg.ckpt), "seed": cfg.seed}
     if cfg.task == "t2i":

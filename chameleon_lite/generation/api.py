@@ -10,9 +10,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -35,18 +35,21 @@ class Segment:
 class Generator:
     """Sampling tasks over a model and its tokenizers. ``quantize="int8"``: sample from an int8
     weight-only copy of the model (`chameleon_lite.generation.quantize`; faster batch-1 decoding on CPU,
-    logits within ~1-2%); ``self.model`` stays the float model."""
+    logits within ~1-2%); ``self.model`` stays the float model. ``compile``: each decode step as one
+    ``torch.compile`` graph (`Sampler`; pays off for long or many sampling calls in one process)."""
 
-    def __init__(self, model: ChameleonLM, tokenizer: MultimodalTokenizer, quantize: str | None = None):
+    def __init__(self, model: ChameleonLM, tokenizer: MultimodalTokenizer, quantize: str | None = None,
+                 compile: bool = False):
         self.model = model.eval()
         self.tok = tokenizer
         self.vocab = tokenizer.vocab
         self.builder = tokenizer.builder()
-        self.sampler = Sampler(apply_quantize(self.model, quantize), tokenizer.vocab, tokenizer.tokens_per_image)
+        self.sampler = Sampler(apply_quantize(self.model, quantize), tokenizer.vocab, tokenizer.tokens_per_image,
+                               compile=compile)
 
     @classmethod
     def load(cls, ckpt: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None,
-             device: str | torch.device = "cpu", quantize: str | None = None) -> Generator:
+             device: str | torch.device = "cpu", quantize: str | None = None, compile: bool = False) -> Generator:
         """Load a ``.ckpt`` or exported model dir and its tokenizers (the dir recorded at training time
         unless ``tokenizer_dir`` is given); a vocab mismatch between the two is an error naming both."""
         model, vocab, meta = load_model(ckpt, device=device)
@@ -55,7 +58,7 @@ class Generator:
             raise ValueError(f"{ckpt} does not record its tokenizer directory; pass tokenizer_dir=...")
         tok = MultimodalTokenizer.from_dir(Path(tok_dir), device=device)
         vocab.check_compatible(tok.vocab, f"checkpoint {ckpt}", f"tokenizers {tok_dir}")
-        return cls(model, tok, quantize=quantize)
+        return cls(model, tok, quantize=quantize, compile=compile)
 
     # ------------------------------------------------------------------ tasks
     def generate_images(self, prompts: Sequence[str], n: int = 1, cfg_scale: float | None = 2.0,

@@ -36,6 +36,9 @@ from chameleon_lite.model import ChameleonLM, KVCache
 from chameleon_lite.vocab import UnifiedVocab
 
 ALL_DONE_CHECK_EVERY = 16  # generate() reads "all rows finished?" back from the device every k steps
+# KV cache slots are rounded up to a multiple of this: calls whose prompt + new tokens differ a little
+# share cache shapes, so a compiled decode step is reused instead of recompiled (unused slots are masked).
+CACHE_SLOTS_MULTIPLE = 64
 
 # Internal mode index of a row, ``left.sign() + 1``: rows of `_Rules.bias` and of the per-mode parameters.
 _TEXT, _END_IMAGE, _IMAGE = 0, 1, 2
@@ -153,15 +156,19 @@ class _Decoding:
     done: Tensor  # (B,) bool
     lengths: Tensor  # (B,) int64: tokens produced, the finishing one included
     out: Tensor  # (B, N) int64, <pad> where nothing was produced
+    previous: Tensor | None = None  # (B,) int64: the tokens of the last step, fed to the model next
 
 
 class Sampler:
     """Draws new tokens for token-id prompts from a `ChameleonLM` (see the module docstring).
 
     ``tokens_per_image``: image codes between ``<boi>`` and ``<eoi>`` (the VQ grid size, e.g. 1024 for 512 px
-    at f=16). ``compile``: run the model's one-token decode call through ``torch.compile`` (dynamic shapes,
-    compiled on first use). Meant for GPUs: on CPU it measured slower than eager at the reference shape
-    (``benchmarks/bench_decode.py --compile``).
+    at f=16). ``compile``: run each decode step (model call, guidance, masking, picking, state machine) as
+    one ``torch.compile`` graph. The KV cache has fixed shapes while decoding (`KVCache.fix_shapes`), so
+    one graph serves every step of a head slice (text ids, image codes, ``<eoi>``) for one batch size and
+    cache size (prompt + new tokens, rounded up to `CACHE_SLOTS_MULTIPLE`); each is compiled on first use,
+    ~10-20 s on 2 CPU cores, on CPU with inductor's C++ wrapper. Same tokens as eager. Batch-1 decoding on CPU: 1.8-1.9x eager
+    (``benchmarks/bench_decode.py``).
     """
 
     def __init__(self, model: ChameleonLM, vocab: UnifiedVocab, tokens_per_image: int, compile: bool = False):
@@ -171,7 +178,10 @@ class Sampler:
                              "trained with")
         _check_int("tokens_per_image", tokens_per_image, minimum=1)
         self.model, self.vocab, self.tokens_per_image = model, vocab, tokens_per_image
-        self._decode_call = torch.compile(model, dynamic=True) if compile else model
+        self._decode_call = self._feed_and_draw
+        if compile:  # fixed shapes (KVCache.fix_shapes): one graph per head slice, compiled on first use
+            options = {"cpp_wrapper": True} if next(model.parameters()).device.type == "cpu" else {}
+            self._decode_call = torch.compile(self._feed_and_draw, fullgraph=True, dynamic=False, options=options)
 
     # ----------------------------------------------------------------------------------- public API
     def generate(self, prompts: Sequence[Sequence[int]], cfg: SamplingConfig) -> list[list[int]]:
@@ -227,9 +237,11 @@ class Sampler:
             token_mask[r, width - len(row):] = True
         positions = (torch.arange(width) - (width - lengths)[:, None]).clamp(min=0)  # (G*B, width)
 
-        cache = self.model.init_kv_cache(len(rows), width + cfg.max_new_tokens - 1, device=device)
+        slots = -(-(width + cfg.max_new_tokens - 1) // CACHE_SLOTS_MULTIPLE) * CACHE_SLOTS_MULTIPLE
+        cache = self.model.init_kv_cache(len(rows), slots, device=device)
         logits = self.model(ids.to(device), positions=positions.to(device), kv_cache=cache,
                             token_mask=token_mask.to(device), logits_to_keep=1)[:, -1].float()
+        cache.fix_shapes()  # every decode step now has the same shapes (one compiled graph)
         generator = torch.Generator(device=device)
         generator.manual_seed(cfg.seed)
         n = len(prompts)
@@ -323,50 +335,71 @@ class Sampler:
     def _step(self, run: _Decoding, step: int) -> tuple[Tensor, Tensor, Tensor]:
         """Feed the previous step's tokens (step > 0), draw this step's, advance the state machine.
 
-        Returns the tokens (B,), the mode index each was drawn in (B,), and which rows had finished before.
+        The feed and the draw are one call, `_feed_and_draw` (compiled with ``compile=True``); the Gumbel
+        noise (drawn from the sampler's generator) and the head slice (read from the modes on the host)
+        are its inputs. Returns the tokens (B,), the mode index each was drawn in (B,), and which rows had
+        finished before.
         """
-        if step > 0:
-            self._feed(run, run.out[:, step - 1])
         rules, n = run.rules, run.left.shape[0]
-        mode = run.left.sign() + 1  # (B,) _TEXT / _END_IMAGE / _IMAGE
-        logits = run.logits[:n]
-        if run.cfg.guidance_rows > 1:
-            guided = mix_guidance(run.logits, run.cfg.cfg_scale, run.cfg.cfg_image_scale)
-            logits = torch.where((mode == _IMAGE)[:, None], guided, logits)
-        logits = logits + rules.bias[mode]  # (B, V), disallowed ids at -inf
-        if rules.any_sample:
-            logits = logits * rules.inv_temperature[mode][:, None]
-        if rules.any_filter:
-            logits = mask_top_k_top_p(logits, rules.top_k[mode], rules.top_p[mode])
-        noise = gumbel_noise(tuple(logits.shape), run.generator, logits.device) if rules.any_sample else None
-        tokens = pick_tokens(logits, rules.sample[mode], noise)
-
+        noise = gumbel_noise((n, self.vocab.size), run.generator, run.left.device) if rules.any_sample else None
         was_done = run.done
-        tokens = tokens.masked_fill(was_done, self.vocab.pad_id)
+        if step == 0:  # the prefill's logits
+            tokens, mode, run.done, run.left = self._draw(run, run.logits, noise)
+        else:
+            head = self._head_slice(run.left)
+            run.logits, tokens, mode, run.done, run.left = self._decode_call(run, run.previous, head, noise)
         run.out[:, step] = tokens
+        run.previous = tokens  # a contiguous (B,) tensor, as the compiled step was traced with
         run.lengths += ~was_done
-        run.done = was_done | rules.stop[tokens]
-        in_image = (run.left >= 0).long()
-        run.left = torch.where(tokens == self.vocab.boi_id, self.tokens_per_image, run.left - in_image)
         return tokens, mode, was_done
 
-    def _feed(self, run: _Decoding, tokens: Tensor) -> None:
-        """One model call on ``tokens`` (B,) for all G*B rows; guidance rows keep only image context."""
+    def _feed_and_draw(self, run: _Decoding, previous: Tensor, head: slice | None,
+                       noise: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """One decode step on tensors only (no host reads, fixed shapes): `_feed`, then `_draw`.
+        Returns the new logits and `_draw`'s tuple."""
+        logits = self._feed(run, previous, head)
+        return (logits, *self._draw(run, logits, noise))
+
+    def _draw(self, run: _Decoding, logits: Tensor, noise: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Draw one token per prompt from the (G*B, V) logits of all model rows.
+
+        Returns the tokens (``<pad>`` for finished rows), the mode index they were drawn in, and the new
+        ``done`` and ``left`` (the state machine after the tokens); ``run`` is not modified.
+        """
+        rules, n, left = run.rules, run.left.shape[0], run.left
+        mode = left.sign() + 1  # (B,) _TEXT / _END_IMAGE / _IMAGE
+        scores = logits[:n]
+        if run.cfg.guidance_rows > 1:
+            guided = mix_guidance(logits, run.cfg.cfg_scale, run.cfg.cfg_image_scale)
+            scores = torch.where((mode == _IMAGE)[:, None], guided, scores)
+        scores = scores + rules.bias[mode]  # (B, V), disallowed ids at -inf
+        if rules.any_sample:
+            scores = scores * rules.inv_temperature[mode][:, None]
+        if rules.any_filter:
+            scores = mask_top_k_top_p(scores, rules.top_k[mode], rules.top_p[mode])
+        tokens = pick_tokens(scores, rules.sample[mode], noise).masked_fill(run.done, self.vocab.pad_id)
+        done = run.done | rules.stop[tokens]
+        left = torch.where(tokens == self.vocab.boi_id, self.tokens_per_image, left - (left >= 0).long())
+        return tokens, mode, done, left
+
+    def _feed(self, run: _Decoding, tokens: Tensor, head: slice | None) -> Tensor:
+        """One model call on ``tokens`` (B,) for all G*B rows; guidance rows keep only image context.
+        Returns the next-token logits (G*B, V) float32 (ids outside ``head`` at 0: every row's mode
+        disallows them, the bias sets them to -inf)."""
         g = run.cfg.guidance_rows
         keep: Tensor | int = 1
         if g > 1:
             guidance_keep = run.rules.image_context[tokens].repeat(g - 1)
             keep = torch.cat([torch.ones_like(tokens, dtype=torch.bool), guidance_keep])
-        head = self._head_slice(run.left)
-        logits = self._decode_call(tokens.repeat(g)[:, None], positions=run.positions[:, None],
-                                   kv_cache=run.cache, token_mask=None if g == 1 else keep[:, None],
-                                   logits_to_keep=1, vocab_slice=head)
-        if head is None:
-            run.logits = logits[:, -1].float()
-        else:  # ids outside the slice are disallowed in every row's mode: the bias sets them to -inf
-            run.logits = logits.new_zeros((logits.shape[0], self.vocab.size), dtype=torch.float32)
-            run.logits[:, head] = logits[:, -1]
+        logits = self.model(tokens.repeat(g)[:, None], positions=run.positions[:, None], kv_cache=run.cache,
+                            token_mask=None if g == 1 else keep[:, None], logits_to_keep=1,
+                            vocab_slice=head)[:, -1].float()
         run.positions += keep
+        if head is None:
+            return logits
+        full = logits.new_zeros((logits.shape[0], self.vocab.size))
+        full[:, head] = logits
+        return full
 
     def _head_slice(self, left: Tensor) -> slice | None:
         """The contiguous id range that holds every id the rows may draw next, when all rows are in the

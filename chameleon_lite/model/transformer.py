@@ -232,11 +232,16 @@ class ChameleonLM(nn.Module):
         if kv_cache is not None:
             if doc_lens is not None:
                 raise ValueError("doc_lens (packed training rows) cannot be combined with kv_cache (decoding)")
-            past = kv_cache.length
-            if past + T > kv_cache.max_len:
-                raise ValueError(f"KV cache full: {past} + {T} tokens > max_len={kv_cache.max_len}")
-            kv_cache.valid[:, past : past + T] = True if token_mask is None else token_mask
-            mask, attn_impl = sdpa_mask(T, key_valid=kv_cache.valid[:, : past + T], past_len=past), "sdpa"
+            past, key_valid = kv_cache.length, kv_cache.valid
+            if isinstance(past, Tensor):  # fixed shapes: all max_len slots, written by index
+                new_valid = torch.ones_like(input_ids, dtype=torch.bool) if token_mask is None else token_mask
+                key_valid.index_copy_(1, kv_cache.slots(T), new_valid)
+            else:
+                if past + T > kv_cache.max_len:
+                    raise ValueError(f"KV cache full: {past} + {T} tokens > max_len={kv_cache.max_len}")
+                key_valid[:, past : past + T] = True if token_mask is None else token_mask
+                key_valid = key_valid[:, : past + T]
+            mask, attn_impl = sdpa_mask(T, key_valid=key_valid, past_len=past), "sdpa"
         elif T > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {T} > model.max_seq_len={self.cfg.max_seq_len}")
         elif doc_lens is not None:
@@ -260,10 +265,10 @@ class ChameleonLM(nn.Module):
         left padding); device and dtype default to the model's parameters'."""
         weight = self.embed_tokens.weight
         device, dtype = device or weight.device, dtype or weight.dtype
-        shape = (self.cfg.n_layers, batch_size, self.cfg.kv_heads, max_len, self.cfg.head_dim)
+        shape = (batch_size, self.cfg.kv_heads, max_len, self.cfg.head_dim)
         return KVCache(
-            k=torch.zeros(shape, device=device, dtype=dtype),
-            v=torch.zeros(shape, device=device, dtype=dtype),
+            k=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(self.cfg.n_layers)],
+            v=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(self.cfg.n_layers)],
             valid=torch.zeros(batch_size, max_len, device=device, dtype=torch.bool),
         )
 

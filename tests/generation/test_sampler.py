@@ -273,6 +273,21 @@ def test_compiled_decode_draws_the_eager_tokens(model, vocab, prompts):
     eager = Sampler(model, vocab, tokens_per_image=N_IMAGE_TOKENS).generate(prompts, cfg)
     compiled = Sampler(model, vocab, tokens_per_image=N_IMAGE_TOKENS, compile=True)
     assert compiled.generate(prompts, cfg) == eager
+    streamed = [event.tokens for event in compiled.stream(prompts, cfg)]
+    assert [[t for t in row if t != vocab.pad_id] for row in zip(*streamed)] == eager
+
+
+@pytest.mark.slow
+def test_compiled_decode_is_one_graph_for_all_steps(model, vocab, prompts):
+    """Fixed cache shapes: every step of a text-only run reuses one graph (no per-step recompiles)."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = Sampler(model, vocab, tokens_per_image=N_IMAGE_TOKENS, compile=True)
+    cfg = SamplingConfig(max_new_tokens=10, text_temperature=0.0, allow_images=False)
+    text_prompts = [prompts[0], prompts[4]]
+    first = compiled.generate(text_prompts, cfg)
+    assert compiled.generate(text_prompts, replace(cfg, max_new_tokens=7)) == [r[:7] for r in first]
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
 
 
 def test_a_model_with_active_dropout_is_refused(vocab, prompts):

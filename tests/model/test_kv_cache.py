@@ -48,6 +48,27 @@ def test_left_padded_batch_matches_each_prompt_alone(model):
         torch.testing.assert_close(logits[r], alone, atol=1e-5, rtol=1e-5)
 
 
+def test_fixed_shape_decoding_matches_the_growing_cache(model):
+    """After `fix_shapes` (what the sampler's compiled step needs) the cache writes by index and attends
+    over all slots under the mask: same logits as slicing, and `length` stays one tensor advanced in place."""
+    ids = torch.randint(0, VOCAB, (2, 10))
+    token_mask = torch.ones(2, 4, dtype=torch.bool)
+    token_mask[1, :2] = False  # a left-padded row
+    positions = (torch.arange(4) - torch.tensor([[0], [2]])).clamp(min=0)
+    logits = {}
+    for fixed in (False, True):
+        cache = model.init_kv_cache(2, 16)
+        out = [model(ids[:, :4], positions=positions, kv_cache=cache, token_mask=token_mask)]
+        if fixed:
+            cache.fix_shapes()
+            length = cache.length
+        for t in range(4, 10):
+            out.append(model(ids[:, t : t + 1], positions=positions[:, -1:] + t - 3, kv_cache=cache))
+        logits[fixed] = torch.cat(out, dim=1)
+    assert cache.length is length and int(length) == 10
+    torch.testing.assert_close(logits[True], logits[False], atol=1e-5, rtol=1e-5)
+
+
 def test_token_mask_without_cache_matches_unpadded_rows(model):
     ids = torch.randint(0, VOCAB, (1, 6))
     padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), ids], dim=1)

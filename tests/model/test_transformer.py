@@ -91,7 +91,8 @@ def test_gqa_shapes_and_equivalence_to_repeated_kv_heads():
     attn = gqa.layers[0].attention
     assert attn.qkv_proj.weight.shape == ((4 + 2 * 2) * 16, 64)
     assert attn.qk_norm.k_weight.shape == (16,)
-    assert gqa.init_kv_cache(3, 20).k.shape == (2, 3, 2, 20, 16)
+    cache = gqa.init_kv_cache(3, 20)
+    assert len(cache.k) == 2 and cache.k[0].shape == (3, 2, 20, 16)
 
     mha = make_model(n_heads=4)  # the same model with each k/v head written out for its 2 query heads
     state = gqa.state_dict()
