@@ -47,7 +47,9 @@ def test_all_ignored_labels_raise_naming_the_cause():
         lm_loss(torch.randn(1, 3, 5), torch.full((1, 3), -100))
 
 
-def test_gradient_matches_autograd_of_the_definition():
+@pytest.mark.parametrize("chunk_elements", [1 << 21, 100], ids=["one-chunk", "rows-in-chunks-of-2"])
+def test_gradient_matches_autograd_of_the_definition(monkeypatch, chunk_elements):
+    monkeypatch.setattr("chameleon_lite.model.loss._CHUNK_ELEMENTS", chunk_elements)  # 100 // 50 = 2 rows
     logits = torch.randn(3, 4, 50, requires_grad=True)
     labels = torch.randint(0, 50, (3, 4))
     labels[1, 2] = -100
