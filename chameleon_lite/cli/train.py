@@ -42,7 +42,7 @@ def train(cfg: DictConfig) -> dict:
     max_steps = require(cfg, "trainer.max_steps", lambda v: isinstance(v, int) and v > 0, "a positive int")
     module = ChameleonLightningModule(model=model_cfg.__dict__, optim=OmegaConf.to_container(cfg.optim, resolve=True),
                                       vocab=vocab.to_dict(), total_steps=max_steps,
-                                      tokenizer_dir=str(resolve_path(cfg.tokenizer.dir)))
+                                      tokenizer_dir=str(resolve_path(cfg.tokenizer.dir)), compile=cfg.compile)
     log.info("model: %.2fM parameters (%.2fM without embeddings)", module.model.num_params() / 1e6,
              module.model.num_params(exclude_embeddings=True) / 1e6)
     trainer.fit(module, datamodule=dm, ckpt_path=resolve_ckpt_path(cfg.ckpt_path, run_dir))
