@@ -7,7 +7,7 @@ process's resident set just before the step (model, batch, libraries):
 - saved activations: resident growth over the forward minus the logits, i.e. what the blocks keep
   for backward; gradient checkpointing keeps only each block's input.
 - peak: the resident high-water mark (VmHWM, reset before the step) over forward + backward, with
-  gradients, the vocabulary-sized loss tensors (logits, float32 softmax; checkpointing cannot drop
+  gradients, the vocabulary-sized loss tensors (logits and their gradient; checkpointing cannot drop
   them) and the one block that checkpointing recomputes at a time.
 
 The child's glibc returns every freed block above 64 KiB to the OS, so its resident set follows the
