@@ -167,8 +167,8 @@ class Sampler:
     one ``torch.compile`` graph. The KV cache has fixed shapes while decoding (`KVCache.fix_shapes`), so
     one graph serves every step of a head slice (text ids, image codes, ``<eoi>``) for one batch size and
     cache size (prompt + new tokens, rounded up to `CACHE_SLOTS_MULTIPLE`); each is compiled on first use,
-    ~10-20 s on 2 CPU cores, on CPU with inductor's C++ wrapper. Same tokens as eager. Batch-1 decoding on CPU: 1.8-1.9x eager
-    (``benchmarks/bench_decode.py``).
+    ~10-20 s on 2 CPU cores, on CPU with inductor's C++ wrapper. Same tokens as eager. Batch-1 decoding on
+    CPU: 1.3x eager with fp32 weights, 3.2x with int8 ones (``benchmarks/bench_decode.py``).
     """
 
     def __init__(self, model: ChameleonLM, vocab: UnifiedVocab, tokens_per_image: int, compile: bool = False):
