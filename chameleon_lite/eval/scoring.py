@@ -64,8 +64,11 @@ def score_caption(predicted_caption: str, sample: ShapesSample) -> dict[str, boo
     """Captioning verdict: does `predicted_caption` describe `sample`'s scene?
 
     Rule: the predicted caption is parsed with `parse_caption`; let P be its spec and T the scene's.
-      exact    - P's objects (colour, shape, count multiset) equal T's, and P's relation, if it
-                 states one, holds for the true objects (`relation_holds` on `sample.objects`);
+      exact    - P's objects (colour, shape, count multiset) equal T's, and P's relation holds for
+                 the true objects (`relation_holds` on `sample.objects`; a mirrored wording counts).
+                 P must state a relation where T does (a scene of the position category is not
+                 described exactly by "a red circle and a blue square"); where T states none, P may
+                 state one, and it must hold;
       shape    - P names exactly the set of shapes in the scene;
       colour   - P names exactly the set of colours in the scene;
       count    - P's total number of objects equals the scene's;
@@ -92,7 +95,9 @@ def score_caption(predicted_caption: str, sample: ShapesSample) -> dict[str, boo
     )
     return {
         "parsed": True,
-        "exact": predicted.objects == truth.objects and (predicted.relation is None or predicted_relation_ok),
+        "exact": predicted.objects == truth.objects and (
+            predicted_relation_ok if (relation_counted or predicted.relation is not None) else True
+        ),
         "shape": {e.shape for e in predicted.objects} == {e.shape for e in truth.objects},
         "colour": {e.colour for e in predicted.objects} == {e.colour for e in truth.objects},
         "count": predicted.num_objects == truth.num_objects,

@@ -117,8 +117,13 @@ def test_caption_scorer_attributes(test_samples):
         and wrong_colour["shape"]
         and wrong_colour["count"]
     )
-    no_relation = score(f"a {c1} {s1} and a {c2} {s2}")  # right objects, relation not stated
-    assert no_relation["exact"] and no_relation["relation"] is False
+    no_relation = score(f"a {c1} {s1} and a {c2} {s2}")  # right objects, the scene's relation not stated
+    assert not no_relation["exact"] and no_relation["relation"] is False and no_relation["shape"]
+    two = next(s for s in test_samples if s.category == "two_objects" and len({o.key for o in s.objects}) == 2)
+    assert score_caption(two.caption, two)["exact"]  # no relation in the truth: none needed
+    left, right = sorted(two.objects, key=lambda o: o.centroid[0])
+    false_rel = f"a {right.colour} {right.shape} left of a {left.colour} {left.shape}"
+    assert not score_caption(false_rel, two)["exact"]  # a relation the truth does not state must still hold
     assert score(f"two {c1} {s1}s") == {
         "parsed": True,
         "exact": False,
