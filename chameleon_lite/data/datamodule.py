@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 TASKS = ("t2i", "caption")
 SOURCES = ("shapes", "jsonl", "webdataset")
-CAPTION_TARGETS = ("as_is", "canonical")
+CAPTION_TARGETS = ("as_is", "canonical", "relation")
 
 
 PACKING_WARN_BELOW = 0.9
@@ -57,13 +57,15 @@ def shapes_category_weights(data: DictConfig) -> dict[str, float] | None:
 
 
 def check_caption_target(data: DictConfig) -> str:
-    """``data.caption_target``: ``as_is`` (captioning documents end in the record's own caption) or
-    ``canonical`` (shapes only: the scene's one phrasing-free caption, ``canonical_caption``)."""
+    """``data.caption_target``: ``as_is`` (captioning documents end in the record's own caption),
+    ``canonical`` (shapes only: the scene's one phrasing-free caption, ``canonical_caption``) or
+    ``relation`` (shapes only: a two-object scene's caption also states where the objects are,
+    ``relation_caption``; text-to-image prompts keep their own captions)."""
     target = data.get("caption_target", "as_is")
     if target not in CAPTION_TARGETS:
-        raise ConfigError(f"data.caption_target={target!r} is invalid: use 'as_is' or 'canonical'")
-    if target == "canonical" and data.source != "shapes":
-        raise ConfigError(f"data.caption_target=canonical rewrites shapes-world captions; data.source="
+        raise ConfigError(f"data.caption_target={target!r} is invalid: use one of {', '.join(CAPTION_TARGETS)}")
+    if target != "as_is" and data.source != "shapes":
+        raise ConfigError(f"data.caption_target={target} rewrites shapes-world captions; data.source="
                           f"{data.source!r} has free-text captions: use data.caption_target=as_is")
     return target
 
@@ -72,6 +74,11 @@ def caption_targets(cache: TokenCache, target: str) -> list[str]:
     """The caption each cached image's captioning document ends in (``check_caption_target``)."""
     if target == "as_is":
         return list(cache.texts)
+    if target == "relation":
+        if not all("relation_caption" in m for m in cache.meta):
+            raise ConfigError("data.caption_target=relation needs a token cache built with relation captions; "
+                              "this one was not (delete its shapes-* files in data.cache_dir to rebuild)")
+        return [m["relation_caption"] for m in cache.meta]
     try:
         return [canonical_caption(parse_caption(text)) for text in cache.texts]
     except CaptionParseError as err:
@@ -230,6 +237,7 @@ class ChameleonDataModule(L.LightningDataModule):
         if cfg.source == "shapes":
             common = dict(cache_dir=Path(cfg.cache_dir), vq_dir=self.tokenizer_dir, image_tokenizer=tok.image,
                           seed=cfg.seed, image_size=cfg.image_size, holdout_pairs=cfg.holdout_pairs)
+            common["relation_captions"] = self.caption_target == "relation"
             return (load_or_build_shapes_cache(split="train", n=cfg.n_train,
                                                category_weights=shapes_category_weights(cfg), **common),
                     load_or_build_shapes_cache(split="val", n=cfg.n_val, **common))

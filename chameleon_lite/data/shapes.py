@@ -25,6 +25,7 @@ from chameleon_lite.data.shapes_captions import (
     CaptionParseError,
     canonical_caption,
     parse_caption,
+    relation_caption,
     render_caption,
 )
 from chameleon_lite.data.shapes_detect import DetectedObject, detect_objects, scene_from_detections
@@ -70,6 +71,7 @@ __all__ = [
     "category_of",
     "detect_objects",
     "parse_caption",
+    "relation_caption",
     "relation_holds",
     "render_caption",
     "render_scene",

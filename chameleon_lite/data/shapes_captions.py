@@ -23,6 +23,7 @@ same canonical spec as the direct one.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -30,10 +31,12 @@ from chameleon_lite.data.shapes_scene import (
     COLOURS,
     SHAPE_PLURALS,
     SHAPES,
+    ObjectInstance,
     ObjectKey,
     Relation,
     SceneSpec,
     SpecEntry,
+    relation_holds,
 )
 
 NUMBER_WORDS: dict[int, str] = {1: "one", 2: "two", 3: "three", 4: "four"}
@@ -95,6 +98,25 @@ def render_caption(spec: SceneSpec, rng: np.random.Generator) -> str:
         body += f" {_CONJUNCTIONS[rng.integers(len(_CONJUNCTIONS))]} {phrase}"
     frame = _LIST_FRAMES[rng.integers(len(_LIST_FRAMES))]
     return frame.format(body=body, be="is" if entries[0].count == 1 else "are")
+
+
+def relation_caption(spec: SceneSpec, objects: Sequence[ObjectInstance], rng: np.random.Generator) -> str | None:
+    """A caption of a two-object scene that also states where the objects are, or None.
+
+    For a spec of two different single objects without a relation (two-object and colour-attribution
+    scenes look exactly like position scenes), the canonical relations that hold between the drawn
+    `objects` ("left of", "above"; `relation_holds`) are candidates; one is drawn from `rng` and the
+    spec is rendered with it (`render_caption`). None when the spec already states a relation, has another
+    shape, or no relation holds clearly (objects overlapping on both axes).
+    """
+    if spec.relation is not None or len(spec.objects) != 2 or spec.num_objects != 2:
+        return None
+    a, b = (entry.key for entry in spec.objects)
+    holding = [rel for first, second in ((a, b), (b, a)) for name in ("left of", "above")
+               if relation_holds(objects, rel := Relation(first, name, second))]
+    if not holding:
+        return None
+    return render_caption(SceneSpec(spec.objects, holding[rng.integers(len(holding))]), rng)
 
 
 def canonical_caption(spec: SceneSpec) -> str:

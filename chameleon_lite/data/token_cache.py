@@ -16,6 +16,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
@@ -51,12 +52,14 @@ def cache_key(settings: dict) -> str:
 
 def load_or_build_shapes_cache(cache_dir: Path, vq_dir: Path, image_tokenizer, *, seed: int, split: str,
                                n: int, image_size: int, holdout_pairs, category_weights=None,
-                               batch_size: int = 256) -> TokenCache:
+                               relation_captions: bool = False, batch_size: int = 256) -> TokenCache:
     """Encode ``n`` shapes-world samples of ``split`` (or load them if cached with the same key).
 
     ``category_weights`` (category -> weight; None: all equal) is part of the key only when given, so
-    caches built without it stay valid."""
-    from chameleon_lite.data.shapes import ShapesWorld
+    caches built without it stay valid. ``relation_captions``: also store, in ``meta[i]["relation_caption"]``,
+    a caption that states where the two objects of a two-object scene are (`relation_caption`, seeded per
+    image; the sample's own caption where none applies); part of the key only when True."""
+    from chameleon_lite.data.shapes import ShapesWorld, relation_caption
 
     settings = {"source": "shapes", "seed": seed, "split": split, "n": n, "image_size": image_size,
                 "holdout_pairs": [list(p) for p in holdout_pairs],
@@ -64,6 +67,8 @@ def load_or_build_shapes_cache(cache_dir: Path, vq_dir: Path, image_tokenizer, *
     if category_weights is not None:
         category_weights = {str(k): float(v) for k, v in dict(category_weights).items()}
         settings["category_weights"] = dict(sorted(category_weights.items()))
+    if relation_captions:
+        settings["relation_captions"] = True
     key = f"shapes-{split}-{cache_key(settings)}"
     codes_path, meta_path = Path(cache_dir) / f"{key}.safetensors", Path(cache_dir) / f"{key}.json"
     if codes_path.is_file() and meta_path.is_file():
@@ -81,6 +86,10 @@ def load_or_build_shapes_cache(cache_dir: Path, vq_dir: Path, image_tokenizer, *
         texts.extend(s.caption for s in samples)
         metas.extend({"category": s.category, "heldout": bool(s.heldout), "index": start + k}
                      for k, s in enumerate(samples))
+        if relation_captions:
+            for k, s in enumerate(samples):
+                rng = np.random.default_rng([seed, start + k, 7])
+                metas[start + k]["relation_caption"] = relation_caption(s.spec, s.objects, rng) or s.caption
     all_codes = torch.cat(codes)
     with atomic_path(codes_path) as tmp:
         save_file({"codes": all_codes}, str(tmp))

@@ -11,7 +11,9 @@ import pytest
 
 from chameleon_lite.config import ConfigError, compose_config
 from chameleon_lite.data.datamodule import ChameleonDataModule, cache_documents, caption_targets
-from chameleon_lite.data.shapes import CATEGORIES, canonical_caption, parse_caption
+from chameleon_lite.data.shapes import CATEGORIES, ShapesWorld, canonical_caption, parse_caption
+from chameleon_lite.data.shapes_scene import Relation, relation_holds
+from chameleon_lite.data.token_cache import TokenCache
 
 
 def test_canonical_target_rewrites_captioning_documents_only(tiny_train_cfg):
@@ -35,6 +37,34 @@ def test_canonical_target_rewrites_captioning_documents_only(tiny_train_cfg):
             np.testing.assert_array_equal(doc.input_ids, other.input_ids)
     dm.setup("fit")  # the packed training set is built from the same targets
     assert dm.train_set.stats[0].documents == 64
+
+
+def test_relation_target_says_where_two_objects_are(tiny_train_cfg):
+    """caption_target=relation: captions of two different single objects state a relation that holds
+    between the drawn objects; other captions, and the text-to-image prompts, stay as they are."""
+    cfg = tiny_train_cfg("data.n_train=64", "data.n_val=16", "data.caption_target=relation")
+    dm = ChameleonDataModule(cfg.data, cfg.tokenizer.dir)
+    train, val = dm._caches(dm._load_tokenizer())
+    world = ShapesWorld(seed=cfg.data.seed, image_size=cfg.data.image_size, split="train", length=64,
+                        holdout_pairs=tuple(tuple(p) for p in cfg.data.holdout_pairs))
+    targets = caption_targets(train, "relation")
+    rewritten = 0
+    for i, (text, target) in enumerate(zip(train.texts, targets)):
+        sample = world[i]
+        assert text == sample.caption  # prompts untouched
+        spec, truth = parse_caption(target), sample.spec
+        assert spec.objects == truth.objects
+        if target != text:
+            rewritten += 1
+            assert truth.relation is None and spec.relation is not None
+            assert relation_holds(sample.objects, spec.relation)
+        elif truth.relation is None and truth.num_objects == 2 and len(truth.objects) == 2:
+            assert not any(relation_holds(sample.objects, Relation(a.key, r, b.key))
+                           for a, b in (truth.objects, truth.objects[::-1]) for r in ("left of", "above"))
+    assert rewritten > 5
+    assert len(caption_targets(val, "relation")) == 16
+    with pytest.raises(ConfigError, match="relation captions"):
+        caption_targets(TokenCache(train.codes, train.texts, [{} for _ in train.meta]), "relation")
 
 
 @pytest.mark.parametrize("override, match", [
