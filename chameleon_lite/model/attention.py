@@ -188,6 +188,19 @@ class KVCache:
         """Slot indices [length, length + n_new) of the next write, as a tensor (fixed shapes only)."""
         return self.length + torch.arange(n_new, device=self.valid.device)
 
+    def mark_valid(self, new_valid: Tensor) -> Tensor:
+        """Record which of the next T slots hold real tokens, ``new_valid`` (B, T) bool (False = left
+        padding); return the (B, S) validity attention reads, S as in `update`. Refuses a write past
+        max_len (int length only; see the class docstring)."""
+        n_new = new_valid.shape[1]
+        if isinstance(self.length, Tensor):
+            return self.valid.index_copy_(1, self.slots(n_new), new_valid)
+        end = self.length + n_new
+        if end > self.max_len:
+            raise ValueError(f"KV cache full: {self.length} + {n_new} tokens > max_len={self.max_len}")
+        self.valid[:, self.length : end] = new_valid
+        return self.valid[:, :end]
+
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write this layer's new k, v (B, T, G, D) at [length, length + T); return the (B, S, G, D) slots
         attention reads: S = length + T, or max_len with fixed shapes."""

@@ -232,16 +232,9 @@ class ChameleonLM(nn.Module):
         if kv_cache is not None:
             if doc_lens is not None:
                 raise ValueError("doc_lens (packed training rows) cannot be combined with kv_cache (decoding)")
-            past, key_valid = kv_cache.length, kv_cache.valid
-            if isinstance(past, Tensor):  # fixed shapes: all max_len slots, written by index
-                new_valid = torch.ones_like(input_ids, dtype=torch.bool) if token_mask is None else token_mask
-                key_valid.index_copy_(1, kv_cache.slots(T), new_valid)
-            else:
-                if past + T > kv_cache.max_len:
-                    raise ValueError(f"KV cache full: {past} + {T} tokens > max_len={kv_cache.max_len}")
-                key_valid[:, past : past + T] = True if token_mask is None else token_mask
-                key_valid = key_valid[:, : past + T]
-            mask, attn_impl = sdpa_mask(T, key_valid=key_valid, past_len=past), "sdpa"
+            past = kv_cache.length
+            new_valid = torch.ones_like(input_ids, dtype=torch.bool) if token_mask is None else token_mask
+            mask, attn_impl = sdpa_mask(T, key_valid=kv_cache.mark_valid(new_valid), past_len=past), "sdpa"
         elif T > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {T} > model.max_seq_len={self.cfg.max_seq_len}")
         elif doc_lens is not None:
