@@ -108,8 +108,7 @@ def bench_shape(name: str, cfg: ModelConfig, args: argparse.Namespace) -> list[l
         if args.compile:  # what `chameleon-train compile=true` does: each decoder block compiled
             label = "chameleon-lite, compiled blocks"
             compiled = ChameleonLM(cfg).train()
-            for block in compiled.layers:
-                block.compile(dynamic=False)
+            compiled.compile_blocks()
             variants[label] = training_step(compiled, False, ids, None, precision)
             start = time.perf_counter()
             variants[label]()

@@ -43,7 +43,7 @@ class _TokenCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         n, vocab = logits.shape
-        rows = max(1, min(n, _CHUNK_ELEMENTS // vocab))
+        rows = ctx.rows = max(1, min(n, _CHUNK_ELEMENTS // vocab))
         work = torch.empty(rows, vocab, dtype=torch.float32, device=logits.device)  # reused by every chunk
         log_z = torch.empty(n, dtype=torch.float32, device=logits.device)
         for start in range(0, n, rows):
@@ -59,7 +59,7 @@ class _TokenCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_ce: Tensor, grad_log_z: Tensor) -> tuple[Tensor, None]:
         logits, labels, log_z = ctx.saved_tensors
         n, vocab = logits.shape
-        rows = max(1, min(n, _CHUNK_ELEMENTS // vocab))
+        rows = ctx.rows
         work = torch.empty(rows, vocab, dtype=torch.float32, device=logits.device)
         grad = torch.empty_like(logits)
         scale = grad_ce + grad_log_z  # (N,): d/d logits = scale * p - grad_ce * onehot(label)

@@ -251,6 +251,13 @@ class ChameleonLM(nn.Module):
             positions = (past + torch.arange(T, device=input_ids.device)).expand(B, T)
         return mask, attn_impl, positions
 
+    def compile_blocks(self) -> None:
+        """Regional compilation: each decoder block through ``torch.compile`` (fixed shapes). The blocks
+        share their code, so one graph (forward and backward) serves every layer; embedding, head and loss
+        stay eager, parameter names are unchanged (`chameleon-train compile=true`)."""
+        for block in self.layers:
+            block.compile(dynamic=False)
+
     def init_kv_cache(
         self, batch_size: int, max_len: int, device: torch.device | None = None, dtype: torch.dtype | None = None
     ) -> KVCache:

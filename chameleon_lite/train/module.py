@@ -58,14 +58,11 @@ class ChameleonLightningModule(L.LightningModule):
         self.register_buffer("_image_ids", self.vocab.image_mask(), persistent=False)
 
     def configure_model(self) -> None:
-        """``compile=True``: regional compilation, each decoder block through ``torch.compile`` (fixed
-        shapes). The blocks share their code, so one graph (forward and backward) serves every layer; the
-        norms, QK-norm, RoPE, SwiGLU and residual adds of a block fuse into a few C++/Triton kernels. The
-        embedding, head and loss stay eager, parameter names and checkpoints are unchanged. Compiling
-        takes ~1 min on 2 CPU cores, once per process (and once more for a smaller last batch)."""
+        """``compile=True``: `ChameleonLM.compile_blocks` (the norms, QK-norm, RoPE, SwiGLU and residual
+        adds of a block fuse into a few C++/Triton kernels; checkpoints are unchanged). Compiling takes
+        ~1 min on 2 CPU cores, once per process (and once more for a smaller last batch)."""
         if self.hparams.compile:
-            for block in self.model.layers:
-                block.compile(dynamic=False)
+            self.model.compile_blocks()
 
     def forward(self, input_ids: Tensor, **kwargs: Any) -> Tensor:
         return self.model(input_ids, **kwargs)
