@@ -11,16 +11,25 @@ from chameleon_lite.checkpoint import export_weights
 from chameleon_lite.config import ConfigError, hydra_app, require, resolve_path
 from chameleon_lite.data.datamodule import ChameleonDataModule
 from chameleon_lite.model import ModelConfig
+from chameleon_lite.multimodal_tokenizer import MultimodalTokenizer
 from chameleon_lite.train.module import ChameleonLightningModule
 from chameleon_lite.train.trainer import build_trainer, resolve_ckpt_path
 
 log = logging.getLogger(__name__)
 
 
-def build_model_config(cfg: DictConfig, vocab_size: int) -> ModelConfig:
+def build_model_config(cfg: DictConfig, tokenizer: MultimodalTokenizer) -> ModelConfig:
+    """`cfg.model` validated, with what the tokenizers fix filled in: the vocabulary size and, for
+    `model.image_pos_embed`, the image code grid's side and the image codes' id block."""
     values = OmegaConf.to_container(cfg.model, resolve=True)
+    vocab = tokenizer.vocab
     if values.get("vocab_size") is None:
-        values["vocab_size"] = vocab_size
+        values["vocab_size"] = vocab.size
+    if values.get("image_pos_embed"):
+        if values.get("image_grid") is None:
+            values["image_grid"] = tokenizer.image.grid_size
+        if values.get("image_ids") is None:
+            values["image_ids"] = [vocab.image_offset, vocab.image_offset + vocab.n_image]
     mc = ModelConfig.from_dict(values)
     seq_len = require(cfg, "data.seq_len", lambda v: isinstance(v, int) and v >= 2, "an int >= 2")
     if seq_len > mc.max_seq_len:
@@ -38,7 +47,7 @@ def train(cfg: DictConfig) -> dict:
     dm.prepare_data()
     dm.setup("fit")
     vocab = dm.tokenizer.vocab
-    model_cfg = build_model_config(cfg, vocab.size)
+    model_cfg = build_model_config(cfg, dm.tokenizer)
     max_steps = require(cfg, "trainer.max_steps", lambda v: isinstance(v, int) and v > 0, "a positive int")
     module = ChameleonLightningModule(model=model_cfg.__dict__, optim=OmegaConf.to_container(cfg.optim, resolve=True),
                                       vocab=vocab.to_dict(), total_steps=max_steps,

@@ -199,6 +199,9 @@ def hf_config_from_model(cfg: ModelConfig, vocab: UnifiedVocab, *, drop_resid_dr
         problems.append(f"model.norm_eps={cfg.norm_eps}: HF's Chameleon hard-codes eps={HF_QK_NORM_EPS} in "
                         "QK-norm, chameleon-lite uses norm_eps there too, so only norm_eps=1e-5 exports "
                         "exactly")
+    if cfg.image_pos_embed:
+        problems.append("model.image_pos_embed=true: HF's Chameleon has no image position embedding (its image "
+                        "codes carry only the 1-D RoPE position); train with image_pos_embed=false to export")
     if cfg.resid_dropout and not drop_resid_dropout:
         problems.append(f"model.resid_dropout={cfg.resid_dropout}: HF's Chameleon has no residual dropout; "
                         "it acts only in training, so export with drop_resid_dropout=true to leave it out")

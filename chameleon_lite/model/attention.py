@@ -158,7 +158,8 @@ class KVCache:
     `k`, `v`: one (B, G, max_len, D) tensor per layer; `valid`: (B, max_len) bool, False for left padding
     and unwritten slots; `length`: slots written so far. A forward of T tokens writes slots
     [length, length + T) in every layer, attends to valid slots < length + T causally, then
-    advances `length` by T. Callers left-pad prompts of different lengths (`token_mask` False)
+    advances `length` by T. `image_run` (B,) counts the image codes each row has fed since its last
+    non-image token, so a model with `image_pos_embed` places each new code in its image's grid. Callers left-pad prompts of different lengths (`token_mask` False)
     and give each row positions counting from its first real token. (Separate tensors per layer, not
     one stacked tensor: under torch.compile an in-place write into a view of a stacked input is
     functionalised into a copy of the whole stack, 45 ms per step at 32 rows.)
@@ -174,6 +175,7 @@ class KVCache:
     v: list[Tensor]
     valid: Tensor
     length: int | Tensor = 0
+    image_run: Tensor | None = None  # (B,) int64: image codes at the end of each row so far (image_pos_embed)
 
     @property
     def max_len(self) -> int:

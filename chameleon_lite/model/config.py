@@ -50,6 +50,11 @@ class ModelConfig:
     attn_impl: str = "sdpa"  # "sdpa" (CPU + GPU, dense doc-causal mask) | "xformers" (CUDA, block-diagonal)
     grad_checkpointing: bool = False  # recompute each block's activations in backward
     init_std: float = 0.02
+    # 2-D positions of image codes (not in Chameleon, whose image codes carry only the 1-D RoPE position):
+    # learned row and column embeddings added to every image-code token's input embedding.
+    image_pos_embed: bool = False
+    image_grid: int | None = None  # code-grid side (8 for 64x64 images at f=8); filled by the training code
+    image_ids: list[int] | None = None  # [start, end): the image-code id block; filled by the training code
 
     def __post_init__(self) -> None:
         self.validate(require_vocab=False)
@@ -96,7 +101,8 @@ class ModelConfig:
             _check_float(self, name, low=0.0, low_inclusive=False)
         for name in ("attn_dropout", "resid_dropout"):
             _check_float(self, name, low=0.0, low_inclusive=True, high=1.0)
-        for name in ("qk_norm", "qk_norm_per_head", "swin_norm", "tie_embeddings", "grad_checkpointing"):
+        for name in ("qk_norm", "qk_norm_per_head", "swin_norm", "tie_embeddings", "grad_checkpointing",
+                     "image_pos_embed"):
             if not isinstance(getattr(self, name), bool):
                 raise ModelConfigError(f"model.{name}={getattr(self, name)!r} must be true or false")
 
@@ -121,6 +127,26 @@ class ModelConfig:
             )
         if self.attn_impl not in ATTN_IMPLS:
             raise ModelConfigError(f"model.attn_impl={self.attn_impl!r} is not one of {ATTN_IMPLS}")
+        self._validate_image_positions(require_vocab)
+
+    def _validate_image_positions(self, require_vocab: bool) -> None:
+        if self.image_grid is not None:
+            _check_int(self, "image_grid", minimum=1)
+        if self.image_ids is not None:
+            ids = self.image_ids
+            if (not isinstance(ids, (list, tuple)) or len(ids) != 2 or not all(isinstance(i, int) for i in ids)
+                    or not 0 <= ids[0] < ids[1] or (self.vocab_size is not None and ids[1] > self.vocab_size)):
+                raise ModelConfigError(
+                    f"model.image_ids={ids!r} must be [start, end), 0 <= start < end <= vocab_size "
+                    f"({self.vocab_size}): the id block of the image codes in the unified vocabulary"
+                )
+            self.image_ids = [int(ids[0]), int(ids[1])]
+        if self.image_pos_embed and require_vocab and (self.image_grid is None or self.image_ids is None):
+            raise ModelConfigError(
+                "model.image_pos_embed=true needs model.image_grid (code-grid side) and model.image_ids "
+                "([start, end) of the image codes): the training code fills both from the tokenizers; "
+                "by hand: model.image_grid=8 'model.image_ids=[start,end]'"
+            )
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any], **overrides: Any) -> ModelConfig:

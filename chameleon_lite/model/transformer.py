@@ -12,6 +12,8 @@ State-dict layout (HF interop maps these; fused weights split along dim 0):
 - `layers.{i}.feed_forward.gate_up_proj.weight` (2F, dim): rows [gate | up] = HF `gate_proj`, `up_proj`.
 - `layers.{i}.attn_norm`, `layers.{i}.ffn_norm`: the RMSNorm of each branch (HF `input_layernorm`,
   `post_attention_layernorm`); pre-norm, or applied to the branch output with `swin_norm`.
+- `image_row_embed.weight`, `image_col_embed.weight` (image_grid, dim): only with `image_pos_embed`
+  (2-D positions of image codes; HF's Chameleon has none, so such a model does not export to HF).
 """
 
 from __future__ import annotations
@@ -141,6 +143,9 @@ class ChameleonLM(nn.Module):
         cfg.validate()
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        if cfg.image_pos_embed:
+            self.image_row_embed = nn.Embedding(cfg.image_grid, cfg.dim)
+            self.image_col_embed = nn.Embedding(cfg.image_grid, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
@@ -192,9 +197,31 @@ class ChameleonLM(nn.Module):
         Returns logits (B, T or logits_to_keep, vocab) in the compute dtype (bf16 under bf16 autocast),
         or (logits, hidden).
         """
+        hidden = self.hidden_states(input_ids, positions, doc_lens, kv_cache, token_mask)
+        hidden_kept = hidden if logits_to_keep is None else hidden[:, -logits_to_keep:]
+        if vocab_slice is None:
+            logits = self.lm_head(hidden_kept)
+        elif isinstance(self.lm_head, nn.Linear):
+            logits = F.linear(hidden_kept, self.lm_head.weight[vocab_slice])
+        else:  # a head with its own row selection (generation.quantize.Int8Linear)
+            logits = self.lm_head.rows(hidden_kept, vocab_slice)
+        return (logits, hidden) if return_hidden else logits
+
+    def hidden_states(
+        self,
+        input_ids: Tensor,
+        positions: Tensor | None = None,
+        doc_lens: Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        token_mask: Tensor | None = None,
+    ) -> Tensor:
+        """The final-normed hidden states (B, T, dim) the head reads; arguments as in `forward`. Training
+        feeds them to `model.loss.head_loss`, which applies the head chunk by chunk."""
         T = input_ids.shape[1]
         mask, attn_impl, positions = self._attention_inputs(input_ids, positions, doc_lens, kv_cache, token_mask)
         x = self.embed_tokens(input_ids)  # (B, T, dim)
+        if self.cfg.image_pos_embed:
+            x = x + self.image_position_embedding(input_ids, positions, kv_cache)
         cos, sin = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta)  # (B, T, 1, D)
         for block in self.layers:
             if self.cfg.grad_checkpointing and self.training and torch.is_grad_enabled():
@@ -204,15 +231,32 @@ class ChameleonLM(nn.Module):
         hidden = self.norm(x)  # (B, T, dim)
         if kv_cache is not None:
             kv_cache.length += T
+        return hidden
 
-        hidden_kept = hidden if logits_to_keep is None else hidden[:, -logits_to_keep:]
-        if vocab_slice is None:
-            logits = self.lm_head(hidden_kept)
-        elif isinstance(self.lm_head, nn.Linear):
-            logits = F.linear(hidden_kept, self.lm_head.weight[vocab_slice])
-        else:  # a head with its own row selection (generation.quantize.Int8Linear)
-            logits = self.lm_head.rows(hidden_kept, vocab_slice)
-        return (logits, hidden) if return_hidden else logits
+    def image_position_embedding(self, input_ids: Tensor, positions: Tensor, kv_cache: KVCache | None = None) -> Tensor:
+        """Row + column embedding of each image code's cell in its image's code grid, 0 elsewhere: (B, T, dim).
+
+        An image is a run of consecutive image-code ids (raster order) inside one document, so a code's
+        cell is the number of image codes before it in its run, found from the ids and RoPE `positions`
+        (a document starts at position 0) by cumulative counts: packed rows, prompts and decoding need no
+        extra input. With a KV cache, runs continue across calls: the cache carries each row's current run
+        length (`KVCache.image_run`). A run longer than a grid (the sampler closes an image after grid^2
+        codes) keeps the last cell's embedding.
+        """
+        start, end = self.cfg.image_ids
+        grid = self.cfg.image_grid
+        is_image = (input_ids >= start) & (input_ids < end)  # (B, T)
+        breaks = ~is_image | (positions == 0)  # a run starts after a non-image token or at a document start
+        count = is_image.long().cumsum(dim=1)  # image codes in this call up to and including t
+        before_run = torch.where(breaks, count - is_image.long(), 0).cummax(dim=1).values
+        index = count - before_run - 1  # the cell of each image code (>= 0 on image tokens)
+        if kv_cache is not None:
+            unbroken = breaks.long().cummax(dim=1).values == 0  # still in the run the last call ended in
+            index = index + torch.where(unbroken, kv_cache.image_run[:, None], 0)
+            kv_cache.image_run.copy_(torch.where(is_image[:, -1], index[:, -1] + 1, 0))
+        index = index.clamp(0, grid * grid - 1)
+        embedding = self.image_row_embed(index // grid) + self.image_col_embed(index % grid)  # (B, T, dim)
+        return embedding * is_image[..., None]
 
     def _attention_inputs(
         self,
@@ -270,14 +314,17 @@ class ChameleonLM(nn.Module):
             k=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(self.cfg.n_layers)],
             v=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(self.cfg.n_layers)],
             valid=torch.zeros(batch_size, max_len, device=device, dtype=torch.bool),
+            image_run=torch.zeros(batch_size, device=device, dtype=torch.long),
         )
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         """Parameter count, tied weights counted once. `exclude_embeddings` drops the input token
-        embedding table (a lookup, no FLOPs); an untied `lm_head` is a matmul and stays counted."""
+        embedding table and the image row/column tables (lookups, no FLOPs); an untied `lm_head` is a matmul and stays counted."""
         n = sum(p.numel() for p in self.parameters())
         if exclude_embeddings:
             n -= self.embed_tokens.weight.numel()
+            if self.cfg.image_pos_embed:
+                n -= self.image_row_embed.weight.numel() + self.image_col_embed.weight.numel()
         return n
 
     def flops_per_token(self, seq_len: int) -> float:

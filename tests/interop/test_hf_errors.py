@@ -47,6 +47,8 @@ def our_map(n_text: int = 42, n_image: int = 16) -> dict[str, int]:
     ({"norm_eps": 1e-6}, "model.norm_eps=1e-06"),
     ({"resid_dropout": 0.1}, "model.resid_dropout=0.1"),
     ({"vocab_size": VOCAB.size + 8}, "model.vocab_size=72"),
+    ({"image_pos_embed": True, "image_grid": 2, "image_ids": [VOCAB.image_offset, VOCAB.size]},
+     "model.image_pos_embed=true"),
 ])
 def test_export_refuses_what_hf_cannot_represent(changes, option):
     with pytest.raises(HFInteropError, match=option):

@@ -8,7 +8,12 @@ from chameleon_lite.model import ChameleonLM, ModelConfig
 VOCAB = 61
 
 
-@pytest.fixture(params=[{}, {"n_kv_heads": 1, "qk_norm_per_head": True}], ids=["mha", "gqa"])
+# image_pos: ids 40..60 are image codes of 2 x 2 grids, so random ids hold image runs that continue across
+# decode calls (the cache carries each row's run length) and runs longer than a grid.
+IMAGE_POS = {"image_pos_embed": True, "image_grid": 2, "image_ids": [40, VOCAB]}
+
+
+@pytest.fixture(params=[{}, {"n_kv_heads": 1, "qk_norm_per_head": True}, IMAGE_POS], ids=["mha", "gqa", "image_pos"])
 def model(request):
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=2, max_seq_len=64, **request.param)

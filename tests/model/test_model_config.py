@@ -51,6 +51,9 @@ def test_ffn_dim_follows_llama_rule():
         ({"qk_norm": False, "qk_norm_per_head": True}, "model.qk_norm_per_head"),
         ({"qk_norm": "yes"}, "model.qk_norm"),
         ({"n_layers": 2.0}, "model.n_layers"),
+        ({"image_grid": 0}, "model.image_grid"),
+        ({"image_ids": [10, 40]}, r"model.image_ids=\[10, 40\] .* <= vocab_size \(32\)"),
+        ({"image_ids": [10]}, "model.image_ids"),
     ],
 )
 def test_bad_values_raise_naming_the_field(changes, names):
@@ -69,3 +72,9 @@ def test_from_dict_rejects_unknown_and_missing_keys():
 def test_unknown_preset_lists_the_available_ones():
     with pytest.raises(ModelConfigError, match="tiny"):
         ModelConfig.from_preset("huge")
+
+
+def test_image_pos_embed_needs_the_grid_and_the_image_ids_before_building():
+    cfg = ModelConfig(vocab_size=32, dim=64, n_layers=1, n_heads=4, image_pos_embed=True, image_grid=2)
+    with pytest.raises(ModelConfigError, match="model.image_pos_embed=true needs .* model.image_ids"):
+        ChameleonLM(cfg)

@@ -41,7 +41,10 @@ def test_token_in_document_2_changes_no_logit_of_document_1():
     assert not torch.allclose(before[:, 10:], after[:, 10:])
 
 
-@pytest.mark.parametrize("changes", [{}, {"n_kv_heads": 2}, {"swin_norm": True, "qk_norm_per_head": True}])
+IMAGE_POS = {"image_pos_embed": True, "image_grid": 2, "image_ids": [60, VOCAB]}  # random ids hold image runs
+
+
+@pytest.mark.parametrize("changes", [{}, {"n_kv_heads": 2}, {"swin_norm": True, "qk_norm_per_head": True}, IMAGE_POS])
 def test_packed_row_equals_documents_run_alone(changes):
     model = make_model(**changes)
     lens = [[5, 9, 2], [16, 0, 0]]
@@ -53,6 +56,31 @@ def test_packed_row_equals_documents_run_alone(changes):
             alone = model(ids[row : row + 1, start : start + n])
             torch.testing.assert_close(packed[row : row + 1, start : start + n], alone, atol=1e-5, rtol=1e-5)
             start += n
+
+
+def test_image_codes_get_the_row_and_column_of_their_grid_cell():
+    """Each run of image codes is one image in raster order: cell k of a 2 x 2 grid is (k // 2, k % 2);
+    text tokens get nothing, a run restarts after text and at a document start, and the cache carries a
+    run across decode calls. Row r is read from channel 0 (= r + 1), column c from channel 1 (= 10 (c + 1))."""
+    model = make_model(**IMAGE_POS)
+    with torch.no_grad():
+        model.image_row_embed.weight.zero_()[:, 0] = torch.arange(1.0, 3.0)
+        model.image_col_embed.weight.zero_()[:, 1] = torch.arange(10.0, 30.0, 10.0)
+    img, txt = 60, 5
+    ids = torch.tensor([[txt, img, img, img, txt, img, img, img, img, img, img, img]])
+    doc_lens = torch.tensor([[9, 3]])  # the second document starts inside a run of image ids
+    positions = torch.cat([torch.arange(9), torch.arange(3)])[None]
+    cells = [None, 0, 1, 2, None, 0, 1, 2, 3, 0, 1, 2]
+    expected = torch.tensor([[0.0, 0.0] if k is None else [k // 2 + 1, 10.0 * (k % 2 + 1)] for k in cells])
+    torch.testing.assert_close(model.image_position_embedding(ids, positions)[0, :, :2], expected)
+
+    cache = model.init_kv_cache(1, 16)
+    streamed = [model.image_position_embedding(ids[:, :3], torch.arange(3)[None], cache)]
+    for t in range(3, 9):  # the first document one token at a time
+        streamed.append(model.image_position_embedding(ids[:, t : t + 1], torch.tensor([[t]]), cache))
+    torch.testing.assert_close(torch.cat(streamed, dim=1)[0, :, :2], expected[:9])
+    assert int(cache.image_run) == 4
+    assert model(ids, doc_lens=doc_lens).shape == (1, 12, VOCAB)
 
 
 def test_doc_lens_must_sum_to_the_row_length():

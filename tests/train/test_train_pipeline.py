@@ -51,6 +51,14 @@ def test_loss_decreases_through_the_whole_pipeline(tiny_train_cfg, tmp_path):
     assert last < first - 1.0
 
 
+def test_image_pos_embed_gets_grid_and_image_ids_from_the_tokenizers(tiny_train_cfg, tmp_path):
+    train(tiny_train_cfg("model.image_pos_embed=true", "trainer.max_steps=2", "callbacks.loss_curve=null"))
+    model, vocab, _ = load_model(tmp_path / "run" / "model")
+    assert model.cfg.image_grid == 8  # the shipped tokenizer: 64 x 64 images, f = 8
+    assert model.cfg.image_ids == [vocab.image_offset, vocab.image_offset + vocab.n_image]
+    assert model.image_row_embed.weight.shape == model.image_col_embed.weight.shape == (8, model.cfg.dim)
+
+
 def test_checkpoint_vocab_mismatch_is_refused(tiny_train_cfg, tmp_path):
     train(tiny_train_cfg("trainer.max_steps=3"))
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
