@@ -1,14 +1,15 @@
 """Peak training memory of ChameleonLM: gradient checkpointing on/off, packed vs padded batches.
 
-One batch of documents (lengths drawn once from a fixed seed) goes through forward + `lm_loss` +
-backward in a fresh subprocess per variant, after one warm-up step. Two numbers, both above the
-process's resident set just before the step (model, batch, libraries):
+One batch of documents (lengths drawn once from a fixed seed) goes through the training step's path
+(`hidden_states` + `head_loss`, the head fused with the loss) + backward in a fresh subprocess per
+variant, after one warm-up step. Two numbers, both above the process's resident set just before the
+step (model, batch, libraries):
 
-- saved activations: resident growth over the forward minus the logits, i.e. what the blocks keep
-  for backward; gradient checkpointing keeps only each block's input.
+- saved activations: resident growth over the decoder's forward (before the head), i.e. what the
+  blocks keep for backward; gradient checkpointing keeps only each block's input.
 - peak: the resident high-water mark (VmHWM, reset before the step) over forward + backward, with
-  gradients, the vocabulary-sized loss tensors (logits and their gradient; checkpointing cannot drop
-  them) and the one block that checkpointing recomputes at a time.
+  gradients, the fused loss's chunk buffers (no full logits exist) and the one block that
+  checkpointing recomputes at a time.
 
 The child's glibc returns every freed block above 64 KiB to the OS, so its resident set follows the
 live tensors.
@@ -31,7 +32,7 @@ import sys
 
 import torch
 
-from chameleon_lite.model import ChameleonLM, ModelConfig, lm_loss
+from chameleon_lite.model import ChameleonLM, ModelConfig, head_loss
 
 VARIANTS = {  # name: (layout, grad_checkpointing)
     "packed": ("packed", False),
@@ -101,9 +102,9 @@ def measure(variant: str, args: argparse.Namespace) -> dict[str, float]:
     def forward_backward() -> None:
         before = memory_status("VmRSS")
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16"):
-            logits = model(batch["input_ids"], doc_lens=batch["doc_lens"])
-            memory["saved"] = memory_status("VmRSS") - before - logits.nbytes
-            loss = lm_loss(logits, batch["labels"]).loss
+            hidden = model.hidden_states(batch["input_ids"], doc_lens=batch["doc_lens"])
+            memory["saved"] = memory_status("VmRSS") - before
+            loss = head_loss(hidden, model.lm_head.weight, batch["labels"]).loss
         loss.backward()
         memory["peak"] = memory_status("VmHWM") - before
 

@@ -3,7 +3,7 @@
 MFU = `ChameleonLM.flops_per_token(seq_len)` x training tokens/s / peak, where the peak is the best
 rate of a large square matmul in the same precision, measured by this script in this run (before
 and after the training runs, best of both), with the same threads and clock. A training step is
-forward + `lm_loss` + backward + fused AdamW (as in bench_train.py).
+forward + `head_loss` + backward + fused AdamW (as in bench_train.py and `chameleon-train`).
 
     python benchmarks/bench_mfu.py                   # tiny and small presets, fp32 and bf16
     python benchmarks/bench_mfu.py --quick           # seconds: smoke run

@@ -2,7 +2,8 @@
 
 One training step = forward + loss + backward + AdamW step, on random token ids. Both models get the
 same shape, the same batch and the same optimiser (fused AdamW); HF computes its own shifted
-cross-entropy, chameleon-lite its `lm_loss` (cross-entropy + z-loss). Runs of the two are alternated
+cross-entropy, chameleon-lite what `chameleon-train` runs: `head_loss` (output head fused with
+cross-entropy + z-loss, chunk by chunk); the "head + lm_loss" row is the unfused ablation (full logits). Runs of the two are alternated
 round by round in this one process, so a noisy (shared) CPU slows both alike; the "vs HF" column is
 the median over rounds of the per-round ratio, "vs HF fp32" compares medians with HF's fp32 run.
 
@@ -28,7 +29,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from chameleon_lite.model import ChameleonLM, ModelConfig, lm_loss
+from chameleon_lite.model import ChameleonLM, ModelConfig, head_loss, lm_loss
 
 HF = "HF transformers (reference)"
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}  # bf16 = bf16-mixed: autocast over fp32 weights
@@ -57,9 +58,11 @@ def hf_twin(cfg: ModelConfig) -> nn.Module:
 
 
 def training_step(
-    model: nn.Module, is_hf: bool, ids: torch.Tensor, doc_lens: torch.Tensor | None, precision: str
+    model: nn.Module, is_hf: bool, ids: torch.Tensor, doc_lens: torch.Tensor | None, precision: str,
+    fused_head: bool = True,
 ) -> Callable[[], None]:
-    """A closure running one optimiser step; the language-model parameters only (not HF's VQ-VAE)."""
+    """A closure running one optimiser step; the language-model parameters only (not HF's VQ-VAE).
+    `fused_head=False`: chameleon-lite's full logits + `lm_loss` instead of `head_loss`."""
     params = [p for name, p in model.named_parameters() if not name.startswith("model.vqmodel")]
     optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)
     labels = ids.roll(-1, dims=1)
@@ -70,6 +73,8 @@ def training_step(
         with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
             if is_hf:
                 loss = model(input_ids=ids, labels=ids).loss
+            elif fused_head:
+                loss = head_loss(model.hidden_states(ids, doc_lens=doc_lens), model.lm_head.weight, labels).loss
             else:
                 loss = lm_loss(model(ids, doc_lens=doc_lens), labels).loss
         loss.backward()
@@ -102,6 +107,9 @@ def bench_shape(name: str, cfg: ModelConfig, args: argparse.Namespace) -> list[l
             "chameleon-lite": training_step(ChameleonLM(cfg).train(), False, ids, None, precision),
             f"chameleon-lite, packed {n_docs} docs/row": training_step(
                 ChameleonLM(cfg).train(), False, ids, doc_lens, precision
+            ),
+            "chameleon-lite, head + lm_loss (unfused)": training_step(
+                ChameleonLM(cfg).train(), False, ids, None, precision, fused_head=False
             ),
         }
         notes = {name: "" for name in variants}

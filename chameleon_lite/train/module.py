@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from chameleon_lite.data.sequences import IGNORE_INDEX
-from chameleon_lite.model import ChameleonLM, ModelConfig, lm_loss
+from chameleon_lite.model import ChameleonLM, ModelConfig, head_loss
 from chameleon_lite.vocab import UnifiedVocab
 
 
@@ -70,10 +70,10 @@ class ChameleonLightningModule(L.LightningModule):
     # ------------------------------------------------------------------ steps
     def _shared_step(self, batch: dict[str, Tensor], stage: str) -> dict[str, Tensor]:
         self.vocab.check_ids(batch["input_ids"], what=f"{stage} batch input_ids")
-        logits, hidden = self.model(batch["input_ids"], positions=batch["positions"], doc_lens=batch["doc_lens"],
-                                    return_hidden=True)
+        hidden = self.model.hidden_states(batch["input_ids"], positions=batch["positions"],
+                                          doc_lens=batch["doc_lens"])
         labels = batch["labels"]
-        out = lm_loss(logits, labels, self.z_loss_coef, IGNORE_INDEX)
+        out = head_loss(hidden, self.model.lm_head.weight, labels, self.z_loss_coef, IGNORE_INDEX)
         counted = labels != IGNORE_INDEX
         is_image = self._image_ids[labels.clamp(min=0)] & counted  # (B, T) target is an image code
         is_text = counted & ~is_image
@@ -92,7 +92,7 @@ class ChameleonLightningModule(L.LightningModule):
                 stats = {"stability/hidden_rms": hidden.detach().float().pow(2).mean().sqrt()}
                 for name, mask in (("text", is_text), ("image", is_image)):
                     if mask.any():
-                        stats[f"stability/max_logit_{name}"] = logits.detach()[mask].abs().max().float()
+                        stats[f"stability/max_logit_{name}"] = out.max_abs_logit[mask].max()
             metrics["stability"] = stats
             metrics["n_tokens"] = (batch["labels"] != IGNORE_INDEX).sum()
         return metrics

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from chameleon_lite.model import lm_loss
+from chameleon_lite.model import head_loss, lm_loss
 
 
 def test_hand_computed_ce_and_z_loss():
@@ -68,3 +68,59 @@ def test_confidently_wrong_rows_stay_finite():
     logits[0, :, 0] = 200.0  # p[label] = exp(-200) underflows float32
     out = lm_loss(logits, torch.tensor([[1, 0]]), z_loss_coef=0.0)
     torch.testing.assert_close(out.token_ce, torch.tensor([[200.0, 0.0]]))
+
+
+# ----------------------------------------------------------------------------------------- head_loss
+@pytest.mark.parametrize("chunk_elements", [1 << 21, 100], ids=["one-chunk", "rows-in-chunks-of-2"])
+def test_fused_head_loss_equals_head_then_lm_loss(monkeypatch, chunk_elements):
+    """Value, per-token parts, max |logit| and the gradients of hidden states and head weight, with an
+    ignored label, z-loss and an upstream scale (DDP's token-share rescale multiplies the loss)."""
+    monkeypatch.setattr("chameleon_lite.model.loss._CHUNK_ELEMENTS", chunk_elements)
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 4, 8, requires_grad=True)
+    weight = torch.randn(50, 8, requires_grad=True)
+    labels = torch.randint(0, 50, (3, 4))
+    labels[1, 2] = -100
+    fused = head_loss(hidden, weight, labels, z_loss_coef=0.3)
+    (2.5 * fused.loss).backward()
+    grads = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    logits = hidden @ weight.T
+    reference = lm_loss(logits, labels, z_loss_coef=0.3)
+    (2.5 * reference.loss).backward()
+    for name in ("loss", "ce", "z_loss", "token_ce", "n_tokens"):
+        torch.testing.assert_close(getattr(fused, name), getattr(reference, name), msg=name)
+    torch.testing.assert_close(fused.max_abs_logit, logits.detach().abs().amax(-1))
+    torch.testing.assert_close(grads[0], hidden.grad)
+    torch.testing.assert_close(grads[1], weight.grad)
+    assert not fused.ce.requires_grad and fused.loss.requires_grad
+
+
+def test_fused_head_loss_under_bf16_autocast_runs_the_head_in_bf16():
+    """Under autocast the head matmuls run in bf16 as in the model; gradients come back in the inputs'
+    float32 and agree with the unfused bf16 head + lm_loss to bf16 rounding."""
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 64, 32, requires_grad=True)
+    weight = (0.1 * torch.randn(300, 32)).requires_grad_()
+    labels = torch.randint(0, 300, (2, 64))
+    grads = []
+    for fused in (True, False):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = (head_loss(hidden, weight, labels) if fused
+                   else lm_loss(torch.nn.functional.linear(hidden, weight), labels))
+        out.loss.backward()
+        grads.append((out.loss.detach(), hidden.grad, weight.grad))
+        hidden.grad = weight.grad = None
+    assert grads[0][1].dtype == grads[0][2].dtype == torch.float32
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=2e-3, rtol=2e-2)
+
+
+def test_fused_head_loss_without_grad_computes_no_gradient():
+    hidden, weight = torch.randn(1, 5, 8), torch.randn(20, 8)
+    labels = torch.randint(0, 20, (1, 5))
+    with torch.no_grad():
+        out = head_loss(hidden, weight, labels)
+    torch.testing.assert_close(out.loss, lm_loss(hidden @ weight.T, labels).loss)
+    with pytest.raises(ValueError, match="no label to count"):
+        head_loss(hidden, weight, torch.full((1, 5), -100))
