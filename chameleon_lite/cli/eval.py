@@ -61,7 +61,7 @@ def evaluate(cfg: DictConfig) -> dict:
         from chameleon_lite.eval.captioning import run_captioning
 
         summary, records, examples = run_captioning(gen, _world(cfg, cfg.n_images), cfg.n_images,
-                                                    cfg.caption_temperature, cfg.seed)
+                                                    cfg.caption_temperature, cfg.seed, cfg.caption_cfg_scale)
         keys = ["exact", "shape", "colour", "count", "relation"]
         table = markdown_table(category_rows(summary, keys), ["category", "n", *keys])
     else:

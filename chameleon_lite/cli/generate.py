@@ -43,7 +43,8 @@ def generate(cfg: DictConfig) -> dict:
         paths = [resolve_path(p) for p in as_list(cfg.image)]
         if not paths:
             raise ConfigError("task=caption needs image=path.png (or a list of paths)")
-        captions = gen.caption([str(p) for p in paths], temperature=cfg.text_temperature, seed=cfg.seed)
+        captions = gen.caption([str(p) for p in paths], temperature=cfg.text_temperature, seed=cfg.seed,
+                               cfg_scale=cfg.caption_cfg_scale)
         images = gen.tok.image.preprocess([str(p) for p in paths])
         record["captions"] = {str(p): c for p, c in zip(paths, captions)}
         record["images"] = str(save_captioned_grid(images, captions, out_dir / "captions.png"))

@@ -13,12 +13,13 @@ from chameleon_lite.eval.scoring import aggregate, score_caption
 
 
 def run_captioning(gen, world: ShapesWorld, n_images: int, temperature: float, seed: int,
-                   batch_size: int = 32) -> tuple[dict, list, list]:
+                   cfg_scale: float | None = None, batch_size: int = 32) -> tuple[dict, list, list]:
     records, examples = [], []
     samples = [world[i] for i in range(n_images)]
     for start in tqdm(range(0, n_images, batch_size), desc="captioning", unit="batch"):
         chunk = samples[start:start + batch_size]
-        captions = gen.caption([s.image for s in chunk], temperature=temperature, seed=seed + start)
+        captions = gen.caption([s.image for s in chunk], temperature=temperature, seed=seed + start,
+                               cfg_scale=cfg_scale)
         for sample, caption in zip(chunk, captions):
             score = score_caption(caption, sample)
             records.append({"truth": sample.caption, "caption": caption, "category": sample.category,

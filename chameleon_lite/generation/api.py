@@ -80,12 +80,14 @@ class Generator:
                 codes.append(self.vocab.ids_to_image(torch.tensor(out[: self.tok.tokens_per_image])))
         return self.tok.decode_images(torch.stack(codes))
 
-    def caption(self, images, temperature: float = 0.0, max_new_tokens: int = 48, seed: int = 0) -> list[str]:
-        """Image -> text (greedy by default). ``images``: anything the image tokenizer encodes."""
+    def caption(self, images, temperature: float = 0.0, max_new_tokens: int = 48, seed: int = 0,
+                cfg_scale: float | None = None) -> list[str]:
+        """Image -> text (greedy by default). ``images``: anything the image tokenizer encodes.
+        ``cfg_scale``: text guidance against the caption's text prior (`SamplingConfig.text_cfg_scale`)."""
         codes = self.tok.encode_images(images)
         prompts = [self.builder.caption_prompt(c) for c in codes]
         cfg = SamplingConfig(max_new_tokens=max_new_tokens, text_temperature=temperature, allow_images=False,
-                             seed=seed)
+                             text_cfg_scale=cfg_scale, seed=seed)
         return [self.tok.decode_text(out).strip() for out in self.sampler.generate(prompts, cfg)]
 
     def complete(self, text: str, max_new_tokens: int = 48, temperature: float = 0.0, seed: int = 0) -> str:

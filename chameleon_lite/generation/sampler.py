@@ -20,6 +20,13 @@ is fed to every row of its prompt, but guidance rows keep only image context: a 
 written with ``token_mask`` False (never attended to) and does not advance their positions. Guidance
 mixes the logits of image tokens only (:func:`~chameleon_lite.generation.logits.mix_guidance`); text is
 drawn from the conditional row, as in Chameleon.
+
+Text guidance (``text_cfg_scale``, not in Chameleon) also guides text tokens: the unconditional row then
+keeps every generated token, so for a captioning prompt it holds ``<bos>`` + the caption so far, the
+text prior without the image, and words are drawn from ``u + s * (c - u)``: s > 1 favours what the image
+supports over what the prior expects (classifier-free guidance for captioning, Kornblith et al. 2023,
+arXiv 2307.16686). A colour-shape pair the training text never had ("a red triangle" when red triangles
+were held out) is one the prior rules out; guidance lets the image evidence through.
 """
 
 from __future__ import annotations
@@ -72,6 +79,9 @@ class SamplingConfig:
       draws image codes from ``u + s * (c - u)``; s = 1 draws exactly the unguided tokens (twice the work).
     - ``cfg_image_scale``: with ``cfg_scale``, Chameleon's three-row guidance for prompts that contain images:
       ``u + cfg_image_scale * (i - u) + cfg_scale * (c - i)``, i = the prompt's images without its text.
+    - ``text_cfg_scale``: None = text from the conditional row. A float s >= 0 draws text from
+      ``u + s * (c - u)`` (the unconditional row, run with or without ``cfg_scale``, then keeps generated text);
+      s = 1 draws exactly the unguided tokens.
     - ``seed``: seeds the sampler's own ``torch.Generator``; the global RNG is never touched.
 
     Tasks by prompt: text completion ``<bos> text``; text -> image ``<bos> caption <boi>`` with
@@ -90,6 +100,7 @@ class SamplingConfig:
     stop_ids: tuple[int, ...] = ()
     cfg_scale: float | None = None
     cfg_image_scale: float | None = None
+    text_cfg_scale: float | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -102,7 +113,7 @@ class SamplingConfig:
             _check_int(f"{modality}_top_k", top_k, minimum=0, note=" (0 = no top-k)")
             if not 0 < top_p <= 1:
                 raise ValueError(f"{modality}_top_p={top_p!r} must be in (0, 1] (1 = no top-p)")
-        for name in ("cfg_scale", "cfg_image_scale"):
+        for name in ("cfg_scale", "cfg_image_scale", "text_cfg_scale"):
             scale = getattr(self, name)
             if scale is not None and not scale >= 0:
                 raise ValueError(f"{name}={scale!r} must be >= 0 (or None for no guidance)")
@@ -113,7 +124,12 @@ class SamplingConfig:
     @property
     def guidance_rows(self) -> int:
         """Model rows per prompt: 1 (no guidance), 2 (cond + uncond) or 3 (+ image-conditioned)."""
-        return 1 + (self.cfg_scale is not None) + (self.cfg_image_scale is not None)
+        return 1 + self.unconditional_row + (self.cfg_image_scale is not None)
+
+    @property
+    def unconditional_row(self) -> bool:
+        """Whether an unconditional row runs beside each prompt (image or text guidance)."""
+        return self.cfg_scale is not None or self.text_cfg_scale is not None
 
 
 @dataclass(frozen=True)
@@ -224,7 +240,7 @@ class Sampler:
         rows = list(prompts)  # guidance blocks: [conditional | image-conditioned | unconditional]
         if cfg.cfg_image_scale is not None:
             rows += [self._image_context_prompt(p) for p in prompts]
-        if cfg.cfg_scale is not None:
+        if cfg.unconditional_row:
             rows += [self._unconditional_prompt(p) for p in prompts]
 
         device = next(self.model.parameters()).device
@@ -368,10 +384,13 @@ class Sampler:
         """
         rules, n, left = run.rules, run.left.shape[0], run.left
         mode = left.sign() + 1  # (B,) _TEXT / _END_IMAGE / _IMAGE
-        scores = logits[:n]
-        if run.cfg.guidance_rows > 1:
-            guided = mix_guidance(logits, run.cfg.cfg_scale, run.cfg.cfg_image_scale)
+        scores, cfg = logits[:n], run.cfg
+        if cfg.cfg_scale is not None:
+            guided = mix_guidance(logits, cfg.cfg_scale, cfg.cfg_image_scale)
             scores = torch.where((mode == _IMAGE)[:, None], guided, scores)
+        if cfg.text_cfg_scale is not None:  # [conditional | unconditional] blocks, the first and the last
+            guided = mix_guidance(torch.cat([logits[:n], logits[-n:]]), cfg.text_cfg_scale, None)
+            scores = torch.where((mode == _TEXT)[:, None], guided, scores)
         scores = scores + rules.bias[mode]  # (B, V), disallowed ids at -inf
         if rules.any_sample:
             scores = scores * rules.inv_temperature[mode][:, None]
@@ -383,14 +402,16 @@ class Sampler:
         return tokens, mode, done, left
 
     def _feed(self, run: _Decoding, tokens: Tensor, head: slice | None) -> Tensor:
-        """One model call on ``tokens`` (B,) for all G*B rows; guidance rows keep only image context.
+        """One model call on ``tokens`` (B,) for all G*B rows; guidance rows keep only image context (the
+        unconditional row keeps everything under text guidance).
         Returns the next-token logits (G*B, V) float32 (ids outside ``head`` at 0: every row's mode
         disallows them, the bias sets them to -inf)."""
         g = run.cfg.guidance_rows
         keep: Tensor | int = 1
         if g > 1:
-            guidance_keep = run.rules.image_context[tokens].repeat(g - 1)
-            keep = torch.cat([torch.ones_like(tokens, dtype=torch.bool), guidance_keep])
+            every, image_context = torch.ones_like(tokens, dtype=torch.bool), run.rules.image_context[tokens]
+            unconditional = every if run.cfg.text_cfg_scale is not None else image_context
+            keep = torch.cat([every, *[image_context] * (g - 2), unconditional])
         logits = self.model(tokens.repeat(g)[:, None], positions=run.positions[:, None], kv_cache=run.cache,
                             token_mask=None if g == 1 else keep[:, None], logits_to_keep=1,
                             vocab_slice=head)[:, -1].float()

@@ -16,10 +16,14 @@ def vocab():
     return UnifiedVocab(n_text=20, n_image=16, n_reserved=2)
 
 
-@pytest.fixture(scope="module")
-def model(vocab):
+@pytest.fixture(scope="module", params=["plain", "image_pos"])
+def model(vocab, request):
+    """The plain model, and one with 2-D image positions (2 x 2 grids: the cache carries image runs)."""
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=vocab.size, dim=64, n_layers=2, n_heads=4, max_seq_len=256, init_std=0.1)
+    image_pos = {"image_pos_embed": True, "image_grid": 2, "image_ids": [vocab.image_offset,
+                                                                        vocab.image_offset + vocab.n_image]}
+    cfg = ModelConfig(vocab_size=vocab.size, dim=64, n_layers=2, n_heads=4, max_seq_len=256, init_std=0.1,
+                      **(image_pos if request.param == "image_pos" else {}))
     return ChameleonLM(cfg).eval()
 
 
@@ -78,15 +82,19 @@ def test_head_slice_covers_exactly_the_ids_of_the_rows_mode(sampler, vocab):
     assert sampler._head_slice(torch.tensor([-1, 3])) is None and sampler._head_slice(torch.tensor([0, 2])) is None
 
 
-@pytest.mark.parametrize("guidance", [{}, {"cfg_scale": 3.0}, {"cfg_scale": 3.0, "cfg_image_scale": 1.5}])
+@pytest.mark.parametrize("guidance", [{}, {"cfg_scale": 3.0}, {"cfg_scale": 3.0, "cfg_image_scale": 1.5},
+                                      {"text_cfg_scale": 2.0},
+                                      {"cfg_scale": 3.0, "cfg_image_scale": 1.5, "text_cfg_scale": 2.0}])
 def test_cached_decoding_matches_full_forward_for_every_model_row(sampler, model, vocab, prompts, guidance):
     """White-box: after each decode step, the logits of every model row (conditional, image-conditioned,
     unconditional; left-padded, fed through the static cache) equal a plain forward of that row's
     sequence without cache. Guidance rows hold the prompt's guidance form + the generated image context
-    (generated text is dropped); their logits are only used (and checked) after an image-context token."""
+    (generated text is dropped); their logits are only used (and checked) after an image-context token.
+    Under text guidance the unconditional row keeps every generated token and is checked at every step."""
     cfg = SamplingConfig(max_new_tokens=40, seed=3, **guidance)
     run = sampler._prefill(prompts, cfg)
     n, checked, image_after_text = len(prompts), 0, 0
+    g, text_guided = cfg.guidance_rows, cfg.text_cfg_scale is not None
     for step in range(cfg.max_new_tokens):
         head = sampler._head_slice(run.left) if step else slice(None)  # the ids this step's feed computes
         head = slice(None) if head is None else head
@@ -97,19 +105,21 @@ def test_cached_decoding_matches_full_forward_for_every_model_row(sampler, model
                 continue  # finished row
             rows = {0: prompt + fed[i]}
             context = [t for t in fed[i] if vocab.is_image_id(t) or t in (vocab.boi_id, vocab.eoi_id)]
-            if step == 0 or (fed[i][-1:] == context[-1:] and cfg.guidance_rows > 1):
+            if step == 0 or (fed[i][-1:] == context[-1:] and g > 1):
                 image_after_text += len(context) < len(fed[i])
                 if cfg.cfg_image_scale is not None:
                     rows[1] = sampler._image_context_prompt(prompt) + context
                 if cfg.cfg_scale is not None:
-                    rows[cfg.guidance_rows - 1] = sampler._unconditional_prompt(prompt) + context
+                    rows[g - 1] = sampler._unconditional_prompt(prompt) + context
+            if text_guided:
+                rows[g - 1] = sampler._unconditional_prompt(prompt) + fed[i]
             for block, ids in rows.items():
                 expected = _full_logits(model, ids)
                 torch.testing.assert_close(run.logits[block * n + i, head], expected[head], atol=1e-5,
                                            rtol=1e-5)
                 checked += 1
-    assert checked >= cfg.max_new_tokens
-    assert image_after_text > 0 or cfg.guidance_rows == 1  # an image was drawn after generated text
+    assert checked >= cfg.max_new_tokens * (1 + text_guided)
+    assert image_after_text > 0 or g == 1  # an image was drawn after generated text
 
 
 # ----------------------------------------------------------------------------------------- batching
@@ -177,6 +187,24 @@ def test_guidance_scale_one_draws_the_conditional_tokens(sampler, prompts, scale
     plain = sampler.generate(prompts, cfg)
     guided = sampler.generate(prompts, replace(cfg, **scales))
     assert guided == plain
+
+
+@pytest.mark.parametrize("scales", [{"text_cfg_scale": 1.0}, {"cfg_scale": 3.0, "text_cfg_scale": 1.0}])
+def test_text_guidance_scale_one_draws_the_unguided_text(sampler, vocab, prompts, scales):
+    """u + 1 * (c - u) = c bit for bit: text at scale 1 is the unguided text (with image guidance on, the
+    image codes still follow cfg_scale, so both runs are compared on the captioning prompt alone)."""
+    base = {"cfg_scale": scales.get("cfg_scale")}
+    cfg = SamplingConfig(max_new_tokens=16, seed=5, allow_images=False, **base)
+    caption_prompt = [prompts[2]]
+    assert sampler.generate(caption_prompt, replace(cfg, **scales)) == sampler.generate(caption_prompt, cfg)
+
+
+def test_text_guidance_changes_the_caption(sampler, vocab, prompts):
+    cfg = SamplingConfig(max_new_tokens=12, text_temperature=0.0, allow_images=False)
+    plain = sampler.generate([prompts[2], prompts[0]], cfg)
+    guided = sampler.generate([prompts[2], prompts[0]], replace(cfg, text_cfg_scale=4.0))
+    assert guided[0] != plain[0]
+    assert all(vocab.is_text_id(t) or t == vocab.eos_id for t in guided[0])
 
 
 def test_guidance_changes_image_tokens(sampler, vocab, prompts):
@@ -253,6 +281,7 @@ def test_prompt_with_text_inside_an_open_image_raises(sampler, vocab):
         ({"text_temperature": -1.0}, "text_temperature"),
         ({"image_top_p": 0.0}, "image_top_p"),
         ({"image_top_k": -3}, "image_top_k"),
+        ({"text_cfg_scale": -1.0}, "text_cfg_scale"),
     ],
 )
 def test_bad_sampling_configs_raise(kwargs, match):
