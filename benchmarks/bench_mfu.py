@@ -6,6 +6,7 @@ and after the training runs, best of both), with the same threads and clock. A t
 forward + `head_loss` + backward + fused AdamW (as in bench_train.py and `chameleon-train`).
 
     python benchmarks/bench_mfu.py                   # tiny and small presets, fp32 and bf16
+    python benchmarks/bench_mfu.py --compile         # adds compiled decoder blocks (chameleon-train compile=true)
     python benchmarks/bench_mfu.py --quick           # seconds: smoke run
 """
 
@@ -45,6 +46,7 @@ def main() -> None:
     parser.add_argument("--peak-size", type=int, default=2048, help="side of the square peak matmul")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall")
+    parser.add_argument("--compile", action="store_true", help="also measure compiled decoder blocks (compile=true)")
     parser.add_argument("--quick", action="store_true", help="tiny smoke run: a few seconds")
     args = parser.parse_args()
     if args.quick:
@@ -62,12 +64,15 @@ def main() -> None:
     for shape in args.shapes.split(","):
         cfg = reference_config(args.vocab) if shape == "reference" else ModelConfig.from_preset(shape, vocab_size=args.vocab)
         for precision in precisions:
-            torch.manual_seed(0)
-            model = ChameleonLM(cfg).train()
-            step = training_step(model, False, ids, None, precision)
-            step()
-            seconds = min(seconds_per_step(step, args.steps, clock) for _ in range(args.rounds))
-            rows.append((shape, precision, model, tokens / seconds))
+            for compiled in (False, True) if args.compile else (False,):
+                torch.manual_seed(0)
+                model = ChameleonLM(cfg).train()
+                if compiled:
+                    model.compile_blocks()
+                step = training_step(model, False, ids, None, precision)
+                step()
+                seconds = min(seconds_per_step(step, args.steps, clock) for _ in range(args.rounds))
+                rows.append((shape, precision, "compiled" if compiled else "eager", model, tokens / seconds))
     peaks = {p: max(peaks[p], matmul_peak(args.peak_size, p, 5, clock)) for p in precisions}
 
     print(
@@ -78,13 +83,14 @@ def main() -> None:
     print("| precision | matmul peak, GFLOP/s (measured) |\n|---|---|")
     for precision, peak in peaks.items():
         print(f"| {precision} | {peak / 1e9:,.0f} |")
-    print("\n| shape | precision | params excl. embedding table | model FLOPs/token | tok/s | achieved GFLOP/s | MFU |")
-    print("|---|---|---|---|---|---|---|")
-    for shape, precision, model, tok_per_s in rows:
+    print("\n| shape | precision | blocks | params excl. embedding table | model FLOPs/token | tok/s | achieved GFLOP/s "
+          "| MFU |")
+    print("|---|---|---|---|---|---|---|---|")
+    for shape, precision, blocks, model, tok_per_s in rows:
         flops = model.flops_per_token(args.seq_len)
         achieved = flops * tok_per_s
         print(
-            f"| {shape} | {precision} | {model.num_params(exclude_embeddings=True) / 1e6:.1f}M | "
+            f"| {shape} | {precision} | {blocks} | {model.num_params(exclude_embeddings=True) / 1e6:.1f}M | "
             f"{flops / 1e6:.1f}M | {tok_per_s:,.0f} | {achieved / 1e9:,.1f} | {achieved / peaks[precision]:.0%} |"
         )
 

@@ -171,23 +171,15 @@ class ChameleonLM(nn.Module):
     def forward(
         self,
         input_ids: Tensor,
-        positions: Tensor | None = None,
-        doc_lens: Tensor | None = None,
-        kv_cache: KVCache | None = None,
-        token_mask: Tensor | None = None,
+        *,
         logits_to_keep: int | None = None,
         return_hidden: bool = False,
         vocab_slice: slice | None = None,
+        **inputs: Tensor | KVCache | None,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """Next-token logits for `input_ids` (B, T) int64.
 
-        positions: (B, T) RoPE positions. Default: 0..T-1; per-document 0.. restarts with `doc_lens`;
-            kv_cache.length + 0..T-1 with a cache (left-padded rows must pass their own).
-        doc_lens: (B, max_docs) zero-padded document lengths of packed rows, each row summing to T.
-            Attention then never crosses a document boundary.
-        kv_cache: decode incrementally: write this step's k/v at slots [length, length + T), attend to
-            the valid cached slots, advance `length` by T (see `KVCache`).
-        token_mask: (B, T) bool, False = left padding: those slots are never attended to.
+        inputs: `positions`, `doc_lens`, `kv_cache`, `token_mask`, as in `hidden_states`.
         logits_to_keep: compute logits for the last k positions only (sampling needs the last one).
         return_hidden: also return the final-normed hidden states (B, T, dim) the head reads.
         vocab_slice: compute logits for the ids in this contiguous range only (a view of the head's
@@ -197,7 +189,7 @@ class ChameleonLM(nn.Module):
         Returns logits (B, T or logits_to_keep, vocab) in the compute dtype (bf16 under bf16 autocast),
         or (logits, hidden).
         """
-        hidden = self.hidden_states(input_ids, positions, doc_lens, kv_cache, token_mask)
+        hidden = self.hidden_states(input_ids, **inputs)
         hidden_kept = hidden if logits_to_keep is None else hidden[:, -logits_to_keep:]
         if vocab_slice is None:
             logits = self.lm_head(hidden_kept)
@@ -215,8 +207,17 @@ class ChameleonLM(nn.Module):
         kv_cache: KVCache | None = None,
         token_mask: Tensor | None = None,
     ) -> Tensor:
-        """The final-normed hidden states (B, T, dim) the head reads; arguments as in `forward`. Training
-        feeds them to `model.loss.head_loss`, which applies the head chunk by chunk."""
+        """The final-normed hidden states (B, T, dim) the head reads (training feeds them to
+        `model.loss.head_loss`, which applies the head chunk by chunk; `forward` to the head).
+
+        positions: (B, T) RoPE positions. Default: 0..T-1; per-document 0.. restarts with `doc_lens`;
+            kv_cache.length + 0..T-1 with a cache (left-padded rows must pass their own).
+        doc_lens: (B, max_docs) zero-padded document lengths of packed rows, each row summing to T.
+            Attention then never crosses a document boundary.
+        kv_cache: decode incrementally: write this step's k/v at slots [length, length + T), attend to
+            the valid cached slots, advance `length` by T (see `KVCache`).
+        token_mask: (B, T) bool, False = left padding: those slots are never attended to.
+        """
         T = input_ids.shape[1]
         mask, attn_impl, positions = self._attention_inputs(input_ids, positions, doc_lens, kv_cache, token_mask)
         x = self.embed_tokens(input_ids)  # (B, T, dim)
