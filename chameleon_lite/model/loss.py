@@ -158,7 +158,7 @@ class _HeadCrossEntropy(torch.autograd.Function):
         if need_grad:
             ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.hidden_dtype, ctx.weight_dtype = hidden.dtype, weight.dtype
-        ctx.mark_non_differentiable(ce, z_loss, token_ce, log_z, max_abs)
+        ctx.mark_non_differentiable(ce, z_loss, token_ce, max_abs)
         return ce + z_loss, ce, z_loss, token_ce, max_abs
 
     @staticmethod
@@ -173,7 +173,7 @@ def head_loss(hidden: Tensor, head_weight: Tensor, labels: Tensor, z_loss_coef: 
               ignore_index: int = -100) -> LMLoss:
     """`lm_loss(hidden @ head_weight.T, labels)` with the head fused in (see `_HeadCrossEntropy`).
 
-    hidden: (B, T, dim) final-normed hidden states (`ChameleonLM.forward(..., head=False)`); head_weight:
+    hidden: (B, T, dim) final-normed hidden states (`ChameleonLM.hidden_states`); head_weight:
     (V, dim), `lm_head.weight`. Under autocast the head runs in the autocast dtype, as in the model.
     Returns `LMLoss` whose `loss` carries the gradient (ce and z_loss are detached parts for logging)
     plus `max_abs_logit` (B, T). Same value and gradients as head + `lm_loss` within rounding.
