@@ -159,8 +159,9 @@ class KVCache:
     and unwritten slots; `length`: slots written so far. A forward of T tokens writes slots
     [length, length + T) in every layer, attends to valid slots < length + T causally, then
     advances `length` by T. `image_run` (B,) counts the image codes each row has fed since its last
-    non-image token, so a model with `image_pos_embed` places each new code in its image's grid. Callers left-pad prompts of different lengths (`token_mask` False)
-    and give each row positions counting from its first real token. (Separate tensors per layer, not
+    non-image token, so a model with `image_pos_embed` places each new code in its image's grid.
+    Callers left-pad prompts of different lengths (`token_mask` False) and give each row positions
+    counting from its first real token. (Separate tensors per layer, not
     one stacked tensor: under torch.compile an in-place write into a view of a stacked input is
     functionalised into a copy of the whole stack, 45 ms per step at 32 rows.)
 

@@ -94,7 +94,7 @@ class ChameleonLightningModule(L.LightningModule):
                     if mask.any():
                         stats[f"stability/max_logit_{name}"] = out.max_abs_logit[mask].max()
             metrics["stability"] = stats
-            metrics["n_tokens"] = (batch["labels"] != IGNORE_INDEX).sum()
+            metrics["n_tokens"] = out.n_tokens
         return metrics
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Any]:
