@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_generate_cli_tasks(tiny_checkpoint, tmp_path):
-    for task, extra in [("t2i", ["n=2", "prompt=[a red circle,two blue squares]"]),
+    for task, extra in [("t2i", ["n=2", "prompt=[a red circle,two blue squares]", "image_candidates=2"]),
                         ("text", ["prompt=a red", "max_new_tokens=8"]),
                         ("interleaved", ["prompt=a red", "max_new_tokens=80"])]:
         out = tmp_path / task
@@ -27,7 +27,8 @@ def test_generate_cli_tasks(tiny_checkpoint, tmp_path):
     # caption an image file written by the t2i run
     out = tmp_path / "caption"
     rec = generate(compose_config("generate", [f"ckpt={tiny_checkpoint}", "task=caption",
-                                               f"image={tmp_path / 't2i' / 't2i.png'}", f"out_dir={out}"]))
+                                               f"image={tmp_path / 't2i' / 't2i.png'}", f"out_dir={out}",
+                                               "caption_candidates=3"]))
     assert len(rec["captions"]) == 1 and (out / "captions.png").is_file()
 
 
@@ -48,6 +49,7 @@ def test_bad_checkpoint_path_is_a_clear_error(tmp_path):
 def test_eval_tasks_write_json_markdown_grid(tiny_checkpoint, tmp_path, task):
     res = evaluate(compose_config("eval", [f"task={task}", f"ckpt={tiny_checkpoint}", f"out_dir={tmp_path}",
                                            "n_prompts=6", "images_per_prompt=2", "n_images=8", "max_batches=2",
+                                           "image_candidates=2", "caption_candidates=2",
                                            f"data.cache_dir={tmp_path / 'cache'}"]))
     assert (tmp_path / f"{task}.json").is_file() and (tmp_path / f"{task}.md").is_file()
     if task != "perplexity":
@@ -85,3 +87,22 @@ def test_prompt_longer_than_the_context_is_a_clear_error(tiny_checkpoint):
     gen = Generator.load(tiny_checkpoint)
     with pytest.raises(ValueError, match="max_seq_len"):
         gen.complete("a red circle " * 200, max_new_tokens=8)
+
+
+def test_demo_main_job_trains_samples_and_prints_both_tables(tmp_path, capsys):
+    """`make demo`'s code path on a tiny config: every step runs and leaves its files."""
+    from conftest import TINY_TRAIN
+
+    from chameleon_lite.cli import demo
+
+    out = tmp_path / "demo"
+    result = demo.main([f"out_dir={out}", *TINY_TRAIN, f"data.cache_dir={tmp_path / 'cache'}",
+                        "callbacks.loss_curve=null", "eval.n_prompts=4", "eval.images_per_prompt=1",
+                        "eval.n_images=8", "eval.image_candidates=2", "eval.caption_candidates=2",
+                        f"eval.data.cache_dir={tmp_path / 'cache'}"])
+    for name in ("shapes_samples.png", "samples_t2i.png", "samples_captions.png", "eval/geneval.json",
+                 "eval/caption.json", "eval/geneval_examples.png"):
+        assert (out / name).is_file(), name
+    assert set(result["tables"]) == {"geneval", "caption"} and "**overall**" in result["tables"]["geneval"]
+    printed = capsys.readouterr().out
+    assert "[demo 5/5] evaluation" in printed and "## caption" in printed

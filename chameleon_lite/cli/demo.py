@@ -64,13 +64,15 @@ def main(argv: list[str] | None = None) -> dict:
 
     print("[demo 4/5] sampling")
     gen = Generator.load(ckpt)
-    sampling = compose_config("eval", [f"ckpt={ckpt}", *eval_overrides])  # the eval's CFG and temperature
+    sampling = compose_config("eval", [f"ckpt={ckpt}", *eval_overrides])  # the eval's sampling and reranking
     images = gen.generate_images(DEMO_PROMPTS, n=4, cfg_scale=sampling.cfg_scale,
-                                 temperature=sampling.image_temperature, seed=0)
+                                 temperature=sampling.image_temperature, seed=0,
+                                 candidates=sampling.image_candidates)
     t2i = save_captioned_grid(images, [p for p in DEMO_PROMPTS for _ in range(4)], out_dir / "samples_t2i.png", nrow=4)
     test = ShapesWorld(seed=0, split="test", length=8)
     test_images = [test[i].image for i in range(8)]
-    captions = gen.caption(test_images)
+    captions = gen.caption(test_images, candidates=sampling.caption_candidates,
+                           candidate_temperature=sampling.caption_candidate_temperature)
     cap = save_captioned_grid(test_images, captions, out_dir / "samples_captions.png", nrow=4)
     print(f"  -> {t2i}\n  -> {cap}")
 

@@ -55,13 +55,16 @@ def evaluate(cfg: DictConfig) -> dict:
         from chameleon_lite.eval.geneval import run_geneval
 
         summary, records, examples = run_geneval(gen, _world(cfg, cfg.n_prompts), cfg.n_prompts, cfg.images_per_prompt,
-                                                 cfg.cfg_scale, cfg.image_temperature, cfg.image_top_k, cfg.seed)
+                                                 cfg.cfg_scale, cfg.image_temperature, cfg.image_top_k, cfg.seed,
+                                                 candidates=cfg.image_candidates)
         table = markdown_table(category_rows(summary, ["accuracy"]), ["category", "n", "accuracy"])
     elif cfg.task == "caption":
         from chameleon_lite.eval.captioning import run_captioning
 
         summary, records, examples = run_captioning(gen, _world(cfg, cfg.n_images), cfg.n_images,
-                                                    cfg.caption_temperature, cfg.seed, cfg.caption_cfg_scale)
+                                                    cfg.caption_temperature, cfg.seed, cfg.caption_cfg_scale,
+                                                    candidates=cfg.caption_candidates,
+                                                    candidate_temperature=cfg.caption_candidate_temperature)
         keys = ["exact", "shape", "colour", "count", "relation"]
         table = markdown_table(category_rows(summary, keys), ["category", "n", *keys])
     else:

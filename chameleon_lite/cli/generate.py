@@ -35,7 +35,8 @@ def generate(cfg: DictConfig) -> dict:
         if not prompts:
             raise ConfigError("task=t2i needs prompt=\"...\" (or a list)")
         images = gen.generate_images(prompts, n=cfg.n, cfg_scale=cfg.cfg_scale, temperature=cfg.image_temperature,
-                                     top_k=cfg.image_top_k, top_p=cfg.image_top_p, seed=cfg.seed)
+                                     top_k=cfg.image_top_k, top_p=cfg.image_top_p, seed=cfg.seed,
+                                     candidates=cfg.image_candidates)
         titles = [p for p in prompts for _ in range(cfg.n)]
         record["images"] = str(save_captioned_grid(images, titles, out_dir / "t2i.png", nrow=cfg.n))
         record["prompts"] = prompts
@@ -44,7 +45,8 @@ def generate(cfg: DictConfig) -> dict:
         if not paths:
             raise ConfigError("task=caption needs image=path.png (or a list of paths)")
         captions = gen.caption([str(p) for p in paths], temperature=cfg.text_temperature, seed=cfg.seed,
-                               cfg_scale=cfg.caption_cfg_scale)
+                               cfg_scale=cfg.caption_cfg_scale, candidates=cfg.caption_candidates,
+                               candidate_temperature=cfg.caption_candidate_temperature)
         images = gen.tok.image.preprocess([str(p) for p in paths])
         record["captions"] = {str(p): c for p, c in zip(paths, captions)}
         record["images"] = str(save_captioned_grid(images, captions, out_dir / "captions.png"))

@@ -13,13 +13,16 @@ from chameleon_lite.eval.scoring import aggregate, score_caption
 
 
 def run_captioning(gen, world: ShapesWorld, n_images: int, temperature: float, seed: int,
-                   cfg_scale: float | None = None, batch_size: int = 32) -> tuple[dict, list, list]:
+                   cfg_scale: float | None = None, batch_size: int = 32, candidates: int = 1,
+                   candidate_temperature: float = 1.0) -> tuple[dict, list, list]:
+    """``candidates``: rerank that many captions per image by log p(image | caption) (`Generator.caption`)."""
     records, examples = [], []
     samples = [world[i] for i in range(n_images)]
     for start in tqdm(range(0, n_images, batch_size), desc="captioning", unit="batch"):
         chunk = samples[start:start + batch_size]
         captions = gen.caption([s.image for s in chunk], temperature=temperature, seed=seed + start,
-                               cfg_scale=cfg_scale)
+                               cfg_scale=cfg_scale, candidates=candidates,
+                               candidate_temperature=candidate_temperature)
         for sample, caption in zip(chunk, captions):
             score = score_caption(caption, sample)
             records.append({"truth": sample.caption, "caption": caption, "category": sample.category,

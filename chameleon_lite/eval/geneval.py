@@ -29,14 +29,18 @@ def describe_detections(image: torch.Tensor, limit: int = 6) -> str:
 
 
 def run_geneval(gen, world: ShapesWorld, n_prompts: int, images_per_prompt: int, cfg_scale: float | None,
-                temperature: float, top_k: int, seed: int, batch_prompts: int = 4) -> tuple[dict, list, list]:
-    """Returns (summary, records, examples) where examples are (image, title) pairs for the grid."""
+                temperature: float, top_k: int, seed: int, batch_prompts: int = 4,
+                candidates: int = 1) -> tuple[dict, list, list]:
+    """Returns (summary, records, examples) where examples are (image, title) pairs for the grid.
+    ``candidates``: best ``images_per_prompt`` of ``images_per_prompt * candidates`` by the model's own
+    log p(prompt | image) (`Generator.generate_images`); the detector never chooses."""
     records, examples = [], []
     samples = [world[i] for i in range(n_prompts)]
     for start in tqdm(range(0, n_prompts, batch_prompts), desc="geneval", unit="prompts"):
         chunk = samples[start:start + batch_prompts]
         images = to_uint8(gen.generate_images([s.caption for s in chunk], n=images_per_prompt, cfg_scale=cfg_scale,
-                                              temperature=temperature, top_k=top_k, seed=seed + start))
+                                              temperature=temperature, top_k=top_k, seed=seed + start,
+                                              candidates=candidates))
         for k, image in enumerate(images):
             sample = chunk[k // images_per_prompt]
             score = score_generated_image(image, sample.spec)

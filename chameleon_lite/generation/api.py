@@ -23,6 +23,11 @@ from chameleon_lite.model import ChameleonLM
 from chameleon_lite.multimodal_tokenizer import MultimodalTokenizer
 
 
+def _check_candidates(candidates: int) -> None:
+    if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 1:
+        raise ValueError(f"candidates={candidates!r} must be an int >= 1 (1 = no reranking)")
+
+
 @dataclass
 class Segment:
     """One piece of generated interleaved output: ``text`` or ``image`` (float (3, H, W) in [0, 1])."""
@@ -63,13 +68,28 @@ class Generator:
     # ------------------------------------------------------------------ tasks
     def generate_images(self, prompts: Sequence[str], n: int = 1, cfg_scale: float | None = 2.0,
                         temperature: float = 0.6, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-                        batch_size: int = 16) -> torch.Tensor:
+                        batch_size: int = 16, candidates: int = 1) -> torch.Tensor:
         """Text -> image. Returns float images (len(prompts) * n, 3, H, W) in [0, 1], prompt-major.
 
         The defaults (CFG 2, image temperature 0.6) are conf/eval.yaml's, chosen on the shapes val split:
         at temperature 1 the many near-blank patches of an image each get a small chance to start a stray
-        object; CFG above ~3 breaks shapes apart."""
-        ids = [self.builder.t2i_prompt(p) for p in prompts for _ in range(n)]
+        object; CFG above ~3 breaks shapes apart.
+
+        ``candidates`` > 1: draw ``n * candidates`` images per prompt and keep the ``n`` whose codes make
+        the prompt most likely as their caption, log p(prompt | image) under the model itself (best-of-N
+        reranking, as DALL-E did with CLIP, here with the captioning direction of the same model; kept
+        images stay in drawing order)."""
+        codes = self.generate_image_codes(prompts, n, cfg_scale, temperature, top_k, top_p, seed, batch_size,
+                                          candidates)
+        return self.tok.decode_images(codes)
+
+    def generate_image_codes(self, prompts: Sequence[str], n: int = 1, cfg_scale: float | None = 2.0,
+                             temperature: float = 0.6, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+                             batch_size: int = 16, candidates: int = 1) -> torch.Tensor:
+        """`generate_images` before decoding: VQ codes (len(prompts) * n, h, w)."""
+        _check_candidates(candidates)
+        k = n * candidates
+        ids = [self.builder.t2i_prompt(p) for p in prompts for _ in range(k)]
         cfg = SamplingConfig(max_new_tokens=self.tok.tokens_per_image + 1, image_temperature=temperature,
                              image_top_k=top_k, image_top_p=top_p, cfg_scale=cfg_scale,
                              stop_ids=(self.vocab.eoi_id,), seed=seed)
@@ -78,17 +98,76 @@ class Generator:
             for out in self.sampler.generate(ids[start:start + batch_size],
                                              replace(cfg, seed=seed + start)):
                 codes.append(self.vocab.ids_to_image(torch.tensor(out[: self.tok.tokens_per_image])))
-        return self.tok.decode_images(torch.stack(codes))
+        codes = torch.stack(codes)
+        if candidates == 1:
+            return codes
+        scores = self.prompt_log_likelihood([p for p in prompts for _ in range(k)], codes)
+        keep = scores.view(len(prompts), k).topk(n, dim=1).indices.sort(dim=1).values  # (P, n), drawing order
+        return codes.view(len(prompts), k, *codes.shape[1:])[torch.arange(len(prompts))[:, None], keep].flatten(0, 1)
+
+    def prompt_log_likelihood(self, texts: Sequence[str], codes: torch.Tensor) -> torch.Tensor:
+        """log p(text | image) per (text, image codes) pair: the text as the image's caption (N,)."""
+        return self.log_likelihood([self.builder.caption_prompt(c) for c in codes],
+                                   [[*self.builder.text_ids(t), self.vocab.eos_id] for t in texts])
+
+    def image_log_likelihood(self, texts: Sequence[str], codes: torch.Tensor) -> torch.Tensor:
+        """log p(image | text) per (text, image codes) pair: the codes (and ``<eoi>``) after the text (N,)."""
+        return self.log_likelihood([self.builder.t2i_prompt(t) for t in texts],
+                                   [self.builder.image_ids(c)[1:] for c in codes])
 
     def caption(self, images, temperature: float = 0.0, max_new_tokens: int = 48, seed: int = 0,
-                cfg_scale: float | None = None) -> list[str]:
+                cfg_scale: float | None = None, candidates: int = 1, candidate_temperature: float = 1.0) -> list[str]:
         """Image -> text (greedy by default). ``images``: anything the image tokenizer encodes.
-        ``cfg_scale``: text guidance against the caption's text prior (`SamplingConfig.text_cfg_scale`)."""
+        ``cfg_scale``: text guidance against the caption's text prior (`SamplingConfig.text_cfg_scale`).
+
+        ``candidates`` > 1: besides the caption drawn at ``temperature``, draw ``candidates - 1`` more at
+        ``candidate_temperature`` and return, per image, the one under which the model finds the image
+        most likely, log p(image | caption) (noisy-channel reranking: a caption that states more of what
+        the image shows, e.g. where its two objects are, explains the image's codes better)."""
+        _check_candidates(candidates)
         codes = self.tok.encode_images(images)
         prompts = [self.builder.caption_prompt(c) for c in codes]
         cfg = SamplingConfig(max_new_tokens=max_new_tokens, text_temperature=temperature, allow_images=False,
                              text_cfg_scale=cfg_scale, seed=seed)
-        return [self.tok.decode_text(out).strip() for out in self.sampler.generate(prompts, cfg)]
+        drawn = [self.sampler.generate(prompts, cfg)]  # one list per draw, each with a row per image
+        if candidates > 1:
+            more = self.sampler.generate([p for p in prompts for _ in range(candidates - 1)],
+                                         replace(cfg, text_temperature=candidate_temperature, seed=seed + 1))
+            drawn += [more[j::candidates - 1] for j in range(candidates - 1)]
+        texts = [[self.tok.decode_text(out).strip() for out in rows] for rows in drawn]
+        if candidates == 1:
+            return texts[0]
+        repeated = codes.repeat(candidates, *[1] * (codes.dim() - 1))  # draw-major, as `texts`
+        scores = self.image_log_likelihood([t for rows in texts for t in rows], repeated)
+        best = scores.view(candidates, len(prompts)).argmax(dim=0).tolist()
+        return [texts[j][i] for i, j in enumerate(best)]
+
+    @torch.inference_mode()
+    def log_likelihood(self, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
+                       batch_size: int = 64) -> torch.Tensor:
+        """log p(completion | prompt) under the model, summed over the completion's tokens: float32 (N,).
+
+        Ids as the `SequenceBuilder` writes them; rows are right-padded, which causal attention never sees.
+        Scores come from the float model ``self.model``, also when sampling runs int8 weights."""
+        if len(prompts) != len(completions):
+            raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions; pass one of each per row")
+        device = next(self.model.parameters()).device
+        scores = []
+        for start in range(0, len(prompts), batch_size):
+            pairs = list(zip(prompts[start:start + batch_size], completions[start:start + batch_size]))
+            width = max(len(p) + len(c) for p, c in pairs)
+            ids = torch.full((len(pairs), width), self.vocab.pad_id, dtype=torch.long)
+            counted = torch.zeros(len(pairs), width - 1, dtype=torch.bool)  # predicts ids[:, 1:]
+            for row, (p, c) in enumerate(pairs):
+                if not p or not c:
+                    raise ValueError(f"row {start + row}: prompt and completion must both be non-empty")
+                ids[row, : len(p) + len(c)] = torch.tensor([*p, *c])
+                counted[row, len(p) - 1: len(p) + len(c) - 1] = True
+            ids = ids.to(device)
+            logp = self.model(ids[:, :-1]).float().log_softmax(-1)
+            token_logp = logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
+            scores.append(torch.where(counted.to(device), token_logp, 0.0).sum(1).cpu())
+        return torch.cat(scores)
 
     def complete(self, text: str, max_new_tokens: int = 48, temperature: float = 0.0, seed: int = 0) -> str:
         """Text -> text continuation (no images)."""

@@ -1,0 +1,72 @@
+"""Best-of-N reranking by the model's own likelihood (Generator.log_likelihood and its two uses)."""
+
+import pytest
+import torch
+
+from chameleon_lite.data.sequences import IGNORE_INDEX
+from chameleon_lite.generation.api import Generator
+from chameleon_lite.model import lm_loss
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = ["a red circle", "a green square left of a blue triangle"]
+
+
+@pytest.fixture(scope="module")
+def gen(tiny_checkpoint):
+    return Generator.load(tiny_checkpoint)
+
+
+def test_log_likelihood_is_the_training_loss_of_the_completion_and_ignores_padding(gen):
+    codes = gen.generate_image_codes(PROMPTS[:1], n=1, seed=0)[0]
+    doc = gen.builder.text_to_image(PROMPTS[1], codes)  # <bos> text <boi> codes <eoi> <eos>
+    n_prompt = len(gen.builder.t2i_prompt(PROMPTS[1]))
+    ids = torch.as_tensor(doc.input_ids)[None]
+    labels = torch.as_tensor(doc.labels())[None].clone()
+    labels[0, : n_prompt - 1] = IGNORE_INDEX  # count the codes, <eoi> and <eos> only
+    with torch.inference_mode():
+        expected = -lm_loss(gen.model(ids), labels, 0.0, IGNORE_INDEX).token_ce.sum()
+    prompt, completion = ids[0, :n_prompt].tolist(), ids[0, n_prompt:].tolist()
+    alone = gen.log_likelihood([prompt], [completion])
+    # beside a longer row, this one is right-padded: same value
+    batched = gen.log_likelihood([prompt, [*prompt, *completion[:5]]], [completion, completion])
+    assert alone.shape == (1,) and float(alone) < 0
+    torch.testing.assert_close(alone[0], expected, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(batched[0], alone[0], rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="2 prompts but 1 completions"):
+        gen.log_likelihood([prompt, prompt], [completion])
+
+
+def test_image_candidates_keep_the_images_that_best_explain_the_prompt(gen):
+    n, candidates = 2, 3
+    pool = gen.generate_image_codes(PROMPTS, n=n * candidates, seed=5)  # the draws reranking chooses from
+    kept = gen.generate_image_codes(PROMPTS, n=n, seed=5, candidates=candidates)
+    assert kept.shape == (len(PROMPTS) * n, *pool.shape[1:])
+    scores = gen.prompt_log_likelihood([p for p in PROMPTS for _ in range(n * candidates)], pool)
+    for i in range(len(PROMPTS)):
+        block = slice(i * n * candidates, (i + 1) * n * candidates)
+        best = sorted(scores[block].topk(n).indices.tolist())
+        assert torch.equal(kept[i * n:(i + 1) * n], pool[block][best])
+    assert torch.equal(gen.generate_image_codes(PROMPTS, n=n, seed=5, candidates=1), gen.generate_image_codes(PROMPTS, n=n, seed=5))
+    images = gen.generate_images(PROMPTS, n=n, seed=5, candidates=candidates)
+    assert torch.equal(images, gen.tok.decode_images(kept))
+
+
+def test_caption_candidates_never_explain_the_image_worse_than_the_greedy_caption(gen):
+    images = gen.generate_images(PROMPTS, n=2, seed=1)
+    codes = gen.tok.encode_images(images)
+    greedy = gen.caption(images)
+    reranked = gen.caption(images, candidates=6, candidate_temperature=1.0)
+    assert len(reranked) == len(greedy) == 4
+    before, after = gen.image_log_likelihood(greedy, codes), gen.image_log_likelihood(reranked, codes)
+    assert bool((after >= before - 1e-4).all())
+    assert bool((after > before + 1e-3).any()), "six candidates of a barely trained model all tied with greedy"
+    assert gen.caption(images, candidates=1) == greedy
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True])
+def test_bad_candidates_are_a_clear_error(gen, bad):
+    with pytest.raises(ValueError, match="candidates"):
+        gen.generate_images(PROMPTS[:1], candidates=bad)
+    with pytest.raises(ValueError, match="candidates"):
+        gen.caption(torch.zeros(1, 3, 64, 64), candidates=bad)
