@@ -1,4 +1,5 @@
-"""Training callbacks: stability monitor, token throughput, loss-curve plot."""
+"""Training callbacks: checkpoints that include the final step, stability monitor, token throughput,
+loss-curve plot."""
 
 from __future__ import annotations
 
@@ -9,8 +10,29 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 log = logging.getLogger(__name__)
+
+
+class FinalStepCheckpoint(ModelCheckpoint):
+    """Lightning's `ModelCheckpoint`, which also saves the step training ends at.
+
+    With ``every_n_train_steps``, Lightning saves (and refreshes ``last.ckpt``) only at multiples of the
+    interval, so a run whose ``max_steps`` is not one ends with ``last.ckpt`` holding an older step: a
+    2,800-step run saving every 500 steps left step 2,500 there, and evaluating ``last.ckpt`` measured a
+    model 300 steps short of the exported weights. At the end of a fit whose final step was not saved, this
+    saves it as the interval would have (``stepNNNNNN.ckpt``, then ``last.ckpt``). Runs stopped by an
+    exception (the non-finite guard, Ctrl-C) end in ``on_exception`` instead and save nothing more.
+    """
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        unsaved = trainer.global_step > 0 and not self._should_skip_saving_checkpoint(trainer)
+        if self._every_n_train_steps and unsaved:
+            candidates = self._monitor_candidates(trainer)
+            self._save_topk_checkpoint(trainer, candidates)
+            self._save_last_checkpoint(trainer, candidates)
+        super().on_train_end(trainer, pl_module)
 
 
 class StabilityMonitor(L.Callback):

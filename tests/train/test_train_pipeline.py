@@ -41,6 +41,20 @@ def test_train_resume_export(tiny_train_cfg, tmp_path):
         assert ka == kb and torch.equal(va, vb)
 
 
+@pytest.mark.slow
+def test_last_checkpoint_holds_the_final_step_when_max_steps_is_not_a_multiple_of_the_interval(tiny_train_cfg,
+                                                                                               tmp_path):
+    result = train(tiny_train_cfg("trainer.max_steps=7"))  # checkpoints every 3 steps: 3, 6, then the end
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert result["global_step"] == 7
+    assert sorted(p.name for p in ckpts.glob("step*.ckpt")) == [f"step00000{k}.ckpt" for k in (3, 6, 7)]
+    final, _, meta = load_model(ckpts / "last.ckpt")
+    exported, _, _ = load_model(tmp_path / "run" / "model")
+    assert meta["global_step"] == 7
+    for (ka, va), (kb, vb) in zip(final.state_dict().items(), exported.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb)
+
+
 def test_loss_decreases_through_the_whole_pipeline(tiny_train_cfg, tmp_path):
     train(tiny_train_cfg("trainer.max_steps=30", "optim.lr=3e-3", "data.n_train=16", "data.seq_len=128",
                          "data.batch_size=2", "trainer.val_check_interval=30", "callbacks.loss_curve=null",
