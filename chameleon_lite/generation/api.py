@@ -103,7 +103,8 @@ class Generator:
             return codes
         scores = self.prompt_log_likelihood([p for p in prompts for _ in range(k)], codes)
         keep = scores.view(len(prompts), k).topk(n, dim=1).indices.sort(dim=1).values  # (P, n), drawing order
-        return codes.view(len(prompts), k, *codes.shape[1:])[torch.arange(len(prompts))[:, None], keep].flatten(0, 1)
+        per_prompt = codes.view(len(prompts), k, *codes.shape[1:])
+        return per_prompt[torch.arange(len(prompts))[:, None], keep].flatten(0, 1)
 
     def prompt_log_likelihood(self, texts: Sequence[str], codes: torch.Tensor) -> torch.Tensor:
         """log p(text | image) per (text, image codes) pair: the text as the image's caption (N,)."""
@@ -116,7 +117,8 @@ class Generator:
                                    [self.builder.image_ids(c)[1:] for c in codes])
 
     def caption(self, images, temperature: float = 0.0, max_new_tokens: int = 48, seed: int = 0,
-                cfg_scale: float | None = None, candidates: int = 1, candidate_temperature: float = 1.0) -> list[str]:
+                cfg_scale: float | None = None, candidates: int = 1,
+                candidate_temperature: float = 1.0) -> list[str]:
         """Image -> text (greedy by default). ``images``: anything the image tokenizer encodes.
         ``cfg_scale``: text guidance against the caption's text prior (`SamplingConfig.text_cfg_scale`).
 
@@ -150,7 +152,8 @@ class Generator:
         Ids as the `SequenceBuilder` writes them; rows are right-padded, which causal attention never sees.
         Scores come from the float model ``self.model``, also when sampling runs int8 weights."""
         if len(prompts) != len(completions):
-            raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions; pass one of each per row")
+            raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions; "
+                             "pass one of each per row")
         device = next(self.model.parameters()).device
         scores = []
         for start in range(0, len(prompts), batch_size):
