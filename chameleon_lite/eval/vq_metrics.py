@@ -194,6 +194,11 @@ def markdown_table(result: Mapping[str, Any]) -> str:
             ("code perplexity", f"{shapes['perplexity']:.1f}")]
     if "detector_agreement" in shapes:
         rows.append(("shapes detector reads the same objects", f"{100 * shapes['detector_agreement']:.1f}% of images"))
+    for part, label in (("shapes_seen", "seen colour-shape pairs"), ("shapes_heldout", "held-out colour-shape pairs")):
+        if part in result:
+            r = result[part]
+            rows.append((f"{label}: PSNR (dB) / detector reads the same objects",
+                         f"{r['psnr']:.2f} / {100 * r['detector_agreement']:.1f}% of {r['num_images']} images"))
     rows += [(f"PSNR photo `{name}` (dB)", f"{value:.2f}") for name, value in photos.items() if name != "mean"]
     if photos:
         rows.append(("PSNR photos, mean (dB)", f"{photos['mean']:.2f}"))
@@ -212,7 +217,8 @@ def run_vq_eval(cfg: Mapping[str, Any]) -> dict[str, Any]:
 
     Reads (``conf/eval.yaml``; defaults in brackets): ``tokenizer.dir`` (required), ``out_dir``
     (required), ``device`` [cpu], ``data.seed`` [0] (which shapes world), ``vq.split`` [val],
-    ``vq.n_images`` [512], ``vq.batch_size`` [64], ``vq.photo_crops`` [true] (PSNR on crops of
+    ``vq.n_images`` [512] (with ``vq.split=test`` also reported apart for images with and without a
+    held-out colour-shape pair), ``vq.batch_size`` [64], ``vq.photo_crops`` [true] (PSNR on crops of
     scikit-image's photographs; ``vq.photos`` picks them), ``vq.folder`` [null] (also evaluate a
     folder of your images). Returns the metrics plus ``table`` (Markdown) and ``files``.
     """
@@ -235,6 +241,12 @@ def run_vq_eval(cfg: Mapping[str, Any]) -> dict[str, Any]:
         "shapes": evaluate_vq(tokenizer, data, batch_size=batch_size, detector=True),
         "photos": photo_psnr(tokenizer, photos) if photos else {},
     }
+    samples = [data[i] for i in range(len(data))] if split == "test" else []
+    held = [s for s in samples if s.heldout]
+    if held:  # test: the held-out colour-shape pairs, which the tokenizer never saw either, on their own
+        result["shapes_heldout"] = evaluate_vq(tokenizer, held, batch_size=batch_size, detector=True)
+        result["shapes_seen"] = evaluate_vq(tokenizer, [s for s in samples if not s.heldout], batch_size=batch_size,
+                                            detector=True)
     folder = _select(cfg, "vq.folder", None)
     if folder:
         result["folder_path"] = str(resolve_path(folder))

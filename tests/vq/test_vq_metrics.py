@@ -96,6 +96,11 @@ def test_run_vq_eval_writes_json_and_markdown(tok, tmp_path):
     assert 0.0 <= saved["shapes"]["detector_agreement"] <= 1.0 and "detector reads the same objects" in table
     assert "1 unreadable skipped" in table
     no_photos = run_vq_eval(OmegaConf.merge(cfg, {"vq": {"photo_crops": False, "folder": None}}))
-    assert no_photos["photos"] == {} and "folder" not in no_photos
+    assert no_photos["photos"] == {} and "folder" not in no_photos and "shapes_heldout" not in no_photos
+    test = run_vq_eval(OmegaConf.merge(cfg, {"vq": {"photo_crops": False, "folder": None, "split": "test",
+                                                    "n_images": 16}}))
+    held, seen = test["shapes_heldout"], test["shapes_seen"]
+    assert held["num_images"] > 0 and seen["num_images"] > 0 and held["num_images"] + seen["num_images"] == 16
+    assert "held-out colour-shape pairs: PSNR" in test["table"] and 0.0 <= held["detector_agreement"] <= 1.0
     with pytest.raises(ValueError, match="tokenizer.dir"):
         run_vq_eval({"out_dir": str(tmp_path)})
