@@ -28,7 +28,7 @@ class FinalStepCheckpoint(ModelCheckpoint):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         unsaved = trainer.global_step > 0 and not self._should_skip_saving_checkpoint(trainer)
-        if self._every_n_train_steps and unsaved:
+        if self._every_n_train_steps and unsaved:  # the calls ModelCheckpoint.on_train_batch_end makes
             candidates = self._monitor_candidates(trainer)
             self._save_topk_checkpoint(trainer, candidates)
             self._save_last_checkpoint(trainer, candidates)
