@@ -234,14 +234,14 @@ def run_vq_eval(cfg: Mapping[str, Any]) -> dict[str, Any]:
     split, batch_size = _select(cfg, "vq.split", "val"), int(_select(cfg, "vq.batch_size", 64))
     data = ShapesWorld(seed=int(_select(cfg, "data.seed", 0)), image_size=tokenizer.image_size, split=split,
                        length=int(_select(cfg, "vq.n_images", 512)))
+    samples = [data[i] for i in range(len(data))]  # rendered once: the split and (test) its held-out part
     photos = list(_select(cfg, "vq.photos", DEFAULT_PHOTOS)) if _select(cfg, "vq.photo_crops", True) else []
     result: dict[str, Any] = {
         "task": "vq", "tokenizer": str(tokenizer_dir), "split": split, "image_size": tokenizer.image_size,
         "tokens_per_image": tokenizer.tokens_per_image, "codebook_size": tokenizer.codebook_size,
-        "shapes": evaluate_vq(tokenizer, data, batch_size=batch_size, detector=True),
+        "shapes": evaluate_vq(tokenizer, samples, batch_size=batch_size, detector=True),
         "photos": photo_psnr(tokenizer, photos) if photos else {},
     }
-    samples = [data[i] for i in range(len(data))] if split == "test" else []
     held = [s for s in samples if s.heldout]
     if held:  # test: the held-out colour-shape pairs, which the tokenizer never saw either, on their own
         result["shapes_heldout"] = evaluate_vq(tokenizer, held, batch_size=batch_size, detector=True)
