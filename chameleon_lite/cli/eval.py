@@ -22,7 +22,8 @@ def _world(cfg: DictConfig, n: int):
     from chameleon_lite.data.shapes import ShapesWorld
 
     return ShapesWorld(seed=cfg.seed, image_size=cfg.data.image_size, split=cfg.split, length=n,
-                       holdout_pairs=tuple(tuple(p) for p in cfg.data.holdout_pairs))
+                       holdout_pairs=tuple(tuple(p) for p in cfg.data.holdout_pairs),
+                       layout=cfg.data.layout)
 
 
 def _generator(cfg: DictConfig):

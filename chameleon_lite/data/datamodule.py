@@ -236,7 +236,8 @@ class ChameleonDataModule(L.LightningDataModule):
         cfg = self.cfg
         if cfg.source == "shapes":
             common = dict(cache_dir=Path(cfg.cache_dir), vq_dir=self.tokenizer_dir, image_tokenizer=tok.image,
-                          seed=cfg.seed, image_size=cfg.image_size, holdout_pairs=cfg.holdout_pairs)
+                          seed=cfg.seed, image_size=cfg.image_size, holdout_pairs=cfg.holdout_pairs,
+                          layout=cfg.layout)
             common["relation_captions"] = self.caption_target == "relation"
             return (load_or_build_shapes_cache(split="train", n=cfg.n_train,
                                                category_weights=shapes_category_weights(cfg), **common),

@@ -51,18 +51,20 @@ def cache_key(settings: dict) -> str:
 
 
 def load_or_build_shapes_cache(cache_dir: Path, vq_dir: Path, image_tokenizer, *, seed: int, split: str,
-                               n: int, image_size: int, holdout_pairs, category_weights=None,
-                               relation_captions: bool = False, batch_size: int = 256) -> TokenCache:
+                               n: int, image_size: int, holdout_pairs, layout: str = "unambiguous",
+                               category_weights=None, relation_captions: bool = False,
+                               batch_size: int = 256) -> TokenCache:
     """Encode ``n`` shapes-world samples of ``split`` (or load them if cached with the same key).
 
     ``category_weights`` (category -> weight; None: all equal) is part of the key only when given, so
     caches built without it stay valid. ``relation_captions``: also store, in ``meta[i]["relation_caption"]``,
     a caption that states where the two objects of a two-object scene are (`relation_caption`, seeded per
-    image; the sample's own caption where none applies); part of the key only when True."""
+    image; the sample's own caption where none applies); part of the key only when True. ``layout``
+    (`ShapesWorld`) is always part of the key: caches from before it existed hold free layouts."""
     from chameleon_lite.data.shapes import ShapesWorld, relation_caption
 
     settings = {"source": "shapes", "seed": seed, "split": split, "n": n, "image_size": image_size,
-                "holdout_pairs": [list(p) for p in holdout_pairs],
+                "holdout_pairs": [list(p) for p in holdout_pairs], "layout": layout,
                 "vq": file_digest(Path(vq_dir) / "vq.safetensors")}
     if category_weights is not None:
         category_weights = {str(k): float(v) for k, v in dict(category_weights).items()}
@@ -76,7 +78,8 @@ def load_or_build_shapes_cache(cache_dir: Path, vq_dir: Path, image_tokenizer, *
         return TokenCache(load_file(str(codes_path))["codes"].long(), meta["texts"], meta["meta"])
 
     world = ShapesWorld(seed=seed, image_size=image_size, split=split, length=n,
-                        holdout_pairs=tuple(tuple(p) for p in holdout_pairs), category_weights=category_weights)
+                        holdout_pairs=tuple(tuple(p) for p in holdout_pairs), category_weights=category_weights,
+                        layout=layout)
     codes, texts, metas = [], [], []
     for start in tqdm(range(0, n, batch_size), desc=f"VQ-encoding shapes {split} ({n} images)", unit="batch"):
         samples = [world[i] for i in range(start, min(n, start + batch_size))]

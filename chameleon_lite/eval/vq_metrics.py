@@ -233,7 +233,7 @@ def run_vq_eval(cfg: Mapping[str, Any]) -> dict[str, Any]:
     tokenizer = ImageTokenizer.from_pretrained(tokenizer_dir, device=_select(cfg, "device", "cpu"))
     split, batch_size = _select(cfg, "vq.split", "val"), int(_select(cfg, "vq.batch_size", 64))
     data = ShapesWorld(seed=int(_select(cfg, "data.seed", 0)), image_size=tokenizer.image_size, split=split,
-                       length=int(_select(cfg, "vq.n_images", 512)))
+                       length=int(_select(cfg, "vq.n_images", 512)), layout=_select(cfg, "data.layout", "unambiguous"))
     samples = [data[i] for i in range(len(data))]  # rendered once: the split and (test) its held-out part
     photos = list(_select(cfg, "vq.photos", DEFAULT_PHOTOS)) if _select(cfg, "vq.photo_crops", True) else []
     result: dict[str, Any] = {

@@ -67,6 +67,21 @@ def test_relation_target_says_where_two_objects_are(tiny_train_cfg):
         caption_targets(TokenCache(train.codes, train.texts, [{} for _ in train.meta]), "relation")
 
 
+def test_the_token_cache_follows_the_world_layout(tiny_train_cfg):
+    """data.layout picks the shapes world's layouts (and is part of the cache key): each cache holds
+    exactly its world's captions, and the two layouts' caches differ."""
+    texts = {}
+    for layout in ("unambiguous", "free"):
+        cfg = tiny_train_cfg("data.n_train=32", "data.n_val=8", f"data.layout={layout}")
+        dm = ChameleonDataModule(cfg.data, cfg.tokenizer.dir)
+        train, _ = dm._caches(dm._load_tokenizer())
+        world = ShapesWorld(seed=cfg.data.seed, image_size=cfg.data.image_size, split="train", length=32,
+                            holdout_pairs=tuple(tuple(p) for p in cfg.data.holdout_pairs), layout=layout)
+        assert train.texts == [world[i].caption for i in range(32)]
+        texts[layout] = train.texts
+    assert texts["unambiguous"] != texts["free"]
+
+
 @pytest.mark.parametrize("override, match", [
     ("data.caption_target=verbatim", "data.caption_target='verbatim' is invalid"),
 ])

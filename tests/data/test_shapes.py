@@ -181,6 +181,40 @@ def test_position_relations_hold_by_a_wide_margin(samples):
     assert Counter(s.spec.relation.rel for s in positions).keys() == {"left of", "above"}
 
 
+def _axis_ratio(a, b) -> float:
+    """How much the larger centroid offset of two objects exceeds the smaller (1: diagonal)."""
+    dx, dy = (abs(p - q) for p, q in zip(a.centroid, b.centroid))
+    return max(dx, dy) / max(min(dx, dy), 1e-9)
+
+
+def _two_different(sample: ShapesSample) -> bool:
+    return len(sample.objects) == 2 and sample.objects[0].key != sample.objects[1].key
+
+
+def test_a_picture_shows_a_clear_relation_exactly_when_its_caption_states_one(samples):
+    # A captioner can only be exact if the picture tells whether to say where things are: position
+    # scenes lie along an axis (ratio >= 2), the other two-object scenes on a diagonal (<= 1.25).
+    for split, split_samples in samples.items():
+        pairs = [s for s in split_samples if _two_different(s)]
+        assert {s.category for s in pairs} == {"position", "two_objects", "colours", "colour_attribution"}
+        for sample in pairs:
+            ratio = _axis_ratio(*sample.objects)
+            if sample.category == "position":
+                assert ratio >= 2.0, (FRESH_SEED, split, sample.caption)
+            else:
+                assert ratio <= 1.25, (FRESH_SEED, split, sample.caption, ratio)
+
+
+def test_free_layouts_make_most_two_object_scenes_look_like_position_scenes():
+    # The world before 2026-11-23 (layout="free"), kept to reproduce old figures: there a caption is
+    # not a function of its picture.
+    world = ShapesWorld(seed=FRESH_SEED, split="train", length=600, layout="free",
+                        category_weights={"two_objects": 1, "colours": 1, "colour_attribution": 1,
+                                          "single_object": 0, "counting": 0, "position": 0})
+    ratios = [_axis_ratio(*world[i].objects) for i in range(len(world))]
+    assert 0.4 < np.mean([r >= 2.0 for r in ratios]) < 0.85, FRESH_SEED
+
+
 @pytest.mark.parametrize("image_size", [32, 128])
 def test_everything_scales_with_image_size(image_size):
     world = ShapesWorld(seed=FRESH_SEED, image_size=image_size, split="test")
@@ -201,6 +235,7 @@ def test_everything_scales_with_image_size(image_size):
         ({"category_weights": {"stacking": 1.0}}, "category_weights"),
         ({"image_size": 16}, "image_size"),
         ({"heldout_fraction": 1.5}, "heldout_fraction"),
+        ({"layout": "grid"}, "layout"),
         ({"holdout_pairs": [(c, s) for c in COLOURS for s in SHAPES]}, "nothing to draw"),
     ],
 )
