@@ -103,10 +103,10 @@ def render_caption(spec: SceneSpec, rng: np.random.Generator) -> str:
 def relation_caption(spec: SceneSpec, objects: Sequence[ObjectInstance], rng: np.random.Generator) -> str | None:
     """A caption of a two-object scene that also states where the objects are, or None.
 
-    For a spec of two different single objects without a relation (two-object and colour-attribution
-    scenes look exactly like position scenes), the canonical relations that hold between the drawn
-    `objects` ("left of", "above"; `relation_holds`) are candidates; one is drawn from `rng` and the
-    spec is rendered with it (`render_caption`). None when the spec already states a relation, has another
+    For a spec of two different single objects without a relation (with `ShapesWorld(layout="free")`
+    such scenes often look exactly like position scenes), the canonical relations that hold between
+    the drawn `objects` ("left of", "above"; `relation_holds`) are candidates; one is drawn from `rng`
+    and the spec is rendered with it (`render_caption`). None when the spec already states a relation, has another
     shape, or no relation holds clearly (objects overlapping on both axes).
     """
     if spec.relation is not None or len(spec.objects) != 2 or spec.num_objects != 2:
