@@ -106,8 +106,8 @@ def relation_caption(spec: SceneSpec, objects: Sequence[ObjectInstance], rng: np
     For a spec of two different single objects without a relation (with `ShapesWorld(layout="free")`
     such scenes often look exactly like position scenes), the canonical relations that hold between
     the drawn `objects` ("left of", "above"; `relation_holds`) are candidates; one is drawn from `rng`
-    and the spec is rendered with it (`render_caption`). None when the spec already states a relation, has another
-    shape, or no relation holds clearly (objects overlapping on both axes).
+    and the spec is rendered with it (`render_caption`). None when the spec already states a relation,
+    has another shape, or no relation holds clearly (objects overlapping on both axes).
     """
     if spec.relation is not None or len(spec.objects) != 2 or spec.num_objects != 2:
         return None
