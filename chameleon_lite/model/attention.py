@@ -142,7 +142,15 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: AttnMask, attn_impl: str, drop
             v = v.repeat_interleave(n_heads // v.shape[2], dim=2)
         if isinstance(mask, xops.fmha.attn_bias.BlockDiagonalCausalMask):  # packed: flatten to batch 1
             q, k, v = (t.reshape(1, batch * seq_len, n_heads, head_dim) for t in (q, k, v))
-        y = xops.memory_efficient_attention(q, k, v, attn_bias=mask, p=dropout_p)
+        try:
+            y = xops.memory_efficient_attention(q, k, v, attn_bias=mask, p=dropout_p)
+        except NotImplementedError as err:  # e.g. a wheel built for another torch / CUDA: no kernel loads
+            raise RuntimeError(
+                f"xformers has no attention kernel for these inputs ({q.dtype}, head_dim {head_dim}, "
+                f"torch {torch.__version__}); a wheel built for another torch or CUDA cannot load its kernels "
+                "(`python -m xformers.info` shows what is available): install the xformers build that matches "
+                "your torch, or use model.attn_impl=sdpa"
+            ) from err
         return y.view(batch, seq_len, n_heads, head_dim)
     y = F.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),  # (B, H, T, D), (B, G, S, D)

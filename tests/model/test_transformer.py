@@ -182,6 +182,24 @@ def test_xformers_on_cpu_says_use_sdpa():
         model(random_ids(1, 8), doc_lens=torch.tensor([[3, 5]]))
 
 
+def test_xformers_without_a_kernel_names_the_fix(monkeypatch):
+    """Seen on an H100 (torch 2.11): PyPI's xformers 0.0.35, built for torch 2.10, loads no kernel and
+    raises NotImplementedError ("No operator found") inside the forward; the model says what to do."""
+    import types
+
+    from chameleon_lite.model import attention
+
+    def no_operator(*args, **kwargs):
+        raise NotImplementedError("No operator found for `memory_efficient_attention_forward`")
+
+    fake = types.SimpleNamespace(memory_efficient_attention=no_operator,
+                                 fmha=types.SimpleNamespace(attn_bias=types.SimpleNamespace(BlockDiagonalCausalMask=type)))
+    monkeypatch.setattr(attention, "xformers_ops", lambda device: fake)
+    q = torch.randn(1, 4, 2, 8)
+    with pytest.raises(RuntimeError, match="matches your torch, or use model.attn_impl=sdpa"):
+        attention.attend(q, q, q, None, "xformers", 0.0)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="xformers kernels need CUDA")
 def test_xformers_matches_sdpa_on_gpu():
