@@ -9,7 +9,7 @@ from conftest import compose_config
 
 from chameleon_lite.cli.eval import evaluate
 from chameleon_lite.cli.generate import generate
-from chameleon_lite.config import REPO_ROOT
+from chameleon_lite.config import REPO_ROOT, ConfigError
 from chameleon_lite.generation.api import Generator
 
 pytestmark = pytest.mark.slow
@@ -45,18 +45,27 @@ def test_bad_checkpoint_path_is_a_clear_error(tmp_path):
         Generator.load(tmp_path / "nope.ckpt")
 
 
-@pytest.mark.parametrize("task", ["geneval", "caption", "perplexity"])
+@pytest.mark.parametrize("task", ["geneval", "caption", "perplexity", "caption scene_search.rounds=2"])
 def test_eval_tasks_write_json_markdown_grid(tiny_checkpoint, tmp_path, task):
+    task, *extra = task.split()
     res = evaluate(compose_config("eval", [f"task={task}", f"ckpt={tiny_checkpoint}", f"out_dir={tmp_path}",
                                            "n_prompts=6", "images_per_prompt=2", "n_images=8", "max_batches=2",
                                            "image_candidates=2", "caption_candidates=2",
-                                           f"data.cache_dir={tmp_path / 'cache'}"]))
+                                           f"data.cache_dir={tmp_path / 'cache'}", *extra]))
     assert (tmp_path / f"{task}.json").is_file() and (tmp_path / f"{task}.md").is_file()
     if task != "perplexity":
         assert (tmp_path / f"{task}_examples.png").is_file()
         assert 0.0 <= res["summary"]["overall"]["accuracy" if task == "geneval" else "exact"] <= 1.0
     else:
         assert res["summary"]["image"]["perplexity"] > 1.0
+
+
+@pytest.mark.parametrize("override", ["scene_search.rounds=-1", "scene_search.caption_weight=-0.5"])
+def test_eval_scene_search_bad_setting_names_the_key_before_captioning(tiny_checkpoint, tmp_path, override):
+    cfg = compose_config("eval", ["task=caption", f"ckpt={tiny_checkpoint}", f"out_dir={tmp_path}", override])
+    with pytest.raises(ConfigError, match=override.split("=")[0]):
+        evaluate(cfg)
+    assert not (tmp_path / "caption.json").exists()
 
 
 def test_notebook_runs_top_to_bottom(tiny_checkpoint):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from chameleon_lite.config import ConfigError, hydra_app, resolve_path
+from chameleon_lite.config import ConfigError, hydra_app, require, resolve_path
 from chameleon_lite.eval.report import category_rows, markdown_table, write_report
 
 log = logging.getLogger(__name__)
@@ -62,10 +62,15 @@ def evaluate(cfg: DictConfig) -> dict:
     elif cfg.task == "caption":
         from chameleon_lite.eval.captioning import run_captioning
 
+        require(cfg, "scene_search.rounds", lambda v: isinstance(v, int) and v >= 0, "an int >= 0 (0 = off)")
+        require(cfg, "scene_search.caption_weight", lambda v: isinstance(v, (int, float)) and v >= 0, "a number >= 0")
+
         summary, records, examples = run_captioning(gen, _world(cfg, cfg.n_images), cfg.n_images,
                                                     cfg.caption_temperature, cfg.seed, cfg.caption_cfg_scale,
                                                     candidates=cfg.caption_candidates,
-                                                    candidate_temperature=cfg.caption_candidate_temperature)
+                                                    candidate_temperature=cfg.caption_candidate_temperature,
+                                                    search_rounds=cfg.scene_search.rounds,
+                                                    search_caption_weight=cfg.scene_search.caption_weight)
         keys = ["exact", "shape", "colour", "count", "relation"]
         table = markdown_table(category_rows(summary, keys), ["category", "n", *keys])
     else:

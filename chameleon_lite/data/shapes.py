@@ -24,6 +24,7 @@ from torch.utils.data import Dataset
 from chameleon_lite.data.shapes_captions import (
     CaptionParseError,
     canonical_caption,
+    noun_phrase_scene,
     parse_caption,
     relation_caption,
     render_caption,
@@ -70,6 +71,7 @@ __all__ = [
     "canonical_caption",
     "category_of",
     "detect_objects",
+    "noun_phrase_scene",
     "parse_caption",
     "relation_caption",
     "relation_holds",

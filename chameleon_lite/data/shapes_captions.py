@@ -147,6 +147,7 @@ _NP_RE = re.compile(
     rf"({_alternation(list(_DETERMINERS))}) ({_alternation(list(COLOURS))}) "
     rf"({_alternation(list(_SHAPE_WORDS))})"
 )
+_NP_WORD_RE = re.compile(rf"\b(?:{_NP_RE.pattern})\b")
 _FRAME_RE = re.compile(r"(there is|there are|a picture of) (.+)")
 _ALL_WORDINGS = {w: rel for rel, wordings in RELATION_WORDINGS.items() for w in wordings}
 _PAIR_RE = re.compile(rf"(.+?) (is )?({_alternation(list(_ALL_WORDINGS))}) (.+)")
@@ -163,6 +164,24 @@ def _parse_np(phrase: str, text: str) -> SpecEntry:
     if (count > 1) != (number > 1):
         raise CaptionParseError(text, f"number does not agree in {phrase!r}")
     return SpecEntry(colour, shape, count)
+
+
+def noun_phrase_scene(text: str) -> SceneSpec | None:
+    """A lenient reading of a caption: the scene of the noun phrases it contains, counts of a kind named
+    twice added up ("a red circle and a red circle" -> two red circles), relations ignored. None when it
+    names no noun phrase or more than four of a kind. For starting a search from a caption that
+    `parse_caption` rejects; scoring stays with `parse_caption`."""
+    normal = " ".join(text.lower().split())
+    counts: dict[ObjectKey, int] = {}
+    for match in _NP_WORD_RE.finditer(normal):
+        try:
+            entry = _parse_np(match.group(0), text)
+        except CaptionParseError:  # "one red squares"
+            continue
+        counts[entry.key] = counts.get(entry.key, 0) + entry.count
+    if not counts or max(counts.values()) > max(NUMBER_WORDS):
+        return None
+    return SceneSpec(tuple(SpecEntry(k.colour, k.shape, n) for k, n in counts.items()))
 
 
 def parse_caption(text: str) -> SceneSpec:
