@@ -45,7 +45,8 @@ def test_bad_checkpoint_path_is_a_clear_error(tmp_path):
         Generator.load(tmp_path / "nope.ckpt")
 
 
-@pytest.mark.parametrize("task", ["geneval", "caption", "perplexity", "caption scene_search.rounds=2"])
+@pytest.mark.parametrize("task", ["geneval", "caption", "perplexity", "caption scene_search.rounds=2",
+                                  "composition n_probe=2"])
 def test_eval_tasks_write_json_markdown_grid(tiny_checkpoint, tmp_path, task):
     task, *extra = task.split()
     res = evaluate(compose_config("eval", [f"task={task}", f"ckpt={tiny_checkpoint}", f"out_dir={tmp_path}",
@@ -53,7 +54,9 @@ def test_eval_tasks_write_json_markdown_grid(tiny_checkpoint, tmp_path, task):
                                            "image_candidates=2", "caption_candidates=2",
                                            f"data.cache_dir={tmp_path / 'cache'}", *extra]))
     assert (tmp_path / f"{task}.json").is_file() and (tmp_path / f"{task}.md").is_file()
-    if task != "perplexity":
+    if task == "composition":
+        assert res["summary"]["heldout"]["n"] == 2 and 0.0 <= res["summary"]["heldout"]["image"]["exact"] <= 1.0
+    elif task != "perplexity":
         assert (tmp_path / f"{task}_examples.png").is_file()
         assert 0.0 <= res["summary"]["overall"]["accuracy" if task == "geneval" else "exact"] <= 1.0
     else:

@@ -1,4 +1,4 @@
-"""`chameleon-eval`: shapes-GenEval, captioning accuracy, perplexity, VQ reconstruction.
+"""`chameleon-eval`: shapes-GenEval, captioning accuracy, perplexity, a composition probe, VQ reconstruction.
 
 Every task writes ``<task>.json`` and ``<task>.md`` into ``out_dir`` and (for model tasks) a PNG grid
 of examples with the prompt, the detector's reading and OK/X.
@@ -15,7 +15,7 @@ from chameleon_lite.config import ConfigError, hydra_app, require, resolve_path
 from chameleon_lite.eval.report import category_rows, markdown_table, write_report
 
 log = logging.getLogger(__name__)
-TASKS = ("geneval", "caption", "perplexity", "vq")
+TASKS = ("geneval", "caption", "perplexity", "composition", "vq")
 
 
 def _world(cfg: DictConfig, n: int):
@@ -73,6 +73,12 @@ def evaluate(cfg: DictConfig) -> dict:
                                                     search_caption_weight=cfg.scene_search.caption_weight)
         keys = ["exact", "shape", "colour", "count", "relation"]
         table = markdown_table(category_rows(summary, keys), ["category", "n", *keys])
+    elif cfg.task == "composition":
+        from chameleon_lite.eval.composition import METRICS, probe_rows, run_composition_probe
+
+        n = require(cfg, "n_probe", lambda v: isinstance(v, int) and v >= 1, "an int >= 1")
+        summary, records, examples = run_composition_probe(gen, _world(cfg, 1), n)
+        table = markdown_table(probe_rows(summary), ["pairs", "n", "direction", *METRICS])
     else:
         from chameleon_lite.eval.perplexity import evaluate_perplexity, validation_loader
 

@@ -149,3 +149,49 @@ def test_captioning_eval_with_scene_search_on_the_tiny_model(tiny_checkpoint):
     assert summary["overall"]["n"] == 6
     for r in records:  # every searched caption is a scene of the grammar, or the sampled text unchanged
         assert r["parsed"] or r["caption"] == r["sampled"]
+
+
+class _PriorBoundCaptioner:
+    """Stands in for a Generator that reads images perfectly but whose captioning direction has a text
+    prior against the held-out pairs (-10); the image direction has none. Codes = (colour, shape) ids."""
+
+    def __init__(self):
+        self.tok = self
+        self.pairs = [(c, s) for c in COLOURS for s in SHAPES]
+
+    def encode_images(self, images):
+        from chameleon_lite.data.shapes import detect_objects
+
+        keys = [detect_objects(image)[0] for image in images]
+        return torch.tensor([[list(COLOURS).index(k.colour), list(SHAPES).index(k.shape)] for k in keys])
+
+    def _score(self, texts, codes, prior):
+        out = []
+        for text, (c, s) in zip(texts, codes.tolist()):
+            colour, shape = text.split()[-2:]
+            value = -float(colour != list(COLOURS)[c]) - float(shape != list(SHAPES)[s])
+            out.append(value - (10.0 if prior and (colour, shape) in {("red", "triangle"), ("blue", "diamond")} else 0))
+        return torch.tensor(out)
+
+    def prompt_log_likelihood(self, texts, codes):
+        return self._score(texts, codes, prior=True)
+
+    def image_log_likelihood(self, texts, codes):
+        return self._score(texts, codes, prior=False)
+
+
+def test_composition_probe_separates_a_text_prior_from_reading_the_image():
+    from chameleon_lite.eval.composition import probe_rows, run_composition_probe
+
+    summary, records, examples = run_composition_probe(_PriorBoundCaptioner(), ShapesWorld(seed=0, split="test"), 3)
+    assert summary["seen"]["n"] == 3 and summary["heldout"]["n"] == 3 and len(examples) == 6
+    held_caption, held_image = summary["heldout"]["caption"], summary["heldout"]["image"]
+    assert held_caption["exact"] == 0.0 and held_caption["shape_given_true_colour"] == 0.0
+    assert held_caption["shape_given_other_colour"] == 1.0
+    assert held_image == dict.fromkeys(held_image, 1.0)
+    assert summary["seen"]["caption"]["exact"] == 1.0
+    assert all(r["image"]["reading"] == r["truth"] for r in records)
+    assert len(probe_rows(summary)) == 4
+    # val has no held-out pairs: that group is empty, not an error
+    val, _, _ = run_composition_probe(_PriorBoundCaptioner(), ShapesWorld(seed=0, split="val"), 2)
+    assert val["heldout"]["n"] == 0 and val["heldout"]["image"]["exact"] is None
