@@ -11,6 +11,11 @@ image segment is ``<boi> code_1 ... code_N <eoi>``. The task layouts of the Cham
 ``loss_on="all"`` trains on every token after ``<bos>``. It also teaches the unconditional image
 distribution (captioning documents start ``<bos> <boi>``), which classifier-free guidance
 samples from. ``loss_on="completion"`` trains only on the segments after the prompt segments.
+``loss_on="no_prompt_text"`` trains on everything but prompt *text* (the caption before the image of a
+text -> image document): images stay targets everywhere (the unconditional image distribution too),
+captions only where they follow their image. The text prior then never learns, from prompts alone,
+which colour-shape pairs follow each other — the prior that vetoes unseen pairs in captions (README
+Results, session 9). ``caption_cfg_scale`` guides against that prior, so it has nothing to read then.
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ import torch
 from chameleon_lite.vocab import UnifiedVocab
 
 IGNORE_INDEX = -100
-LossOn = Literal["all", "completion"]
+LossOn = Literal["all", "completion", "no_prompt_text"]
+LOSS_ON = ("all", "completion", "no_prompt_text")
 
 
 @dataclass(frozen=True)
@@ -66,8 +72,8 @@ class SequenceBuilder:
     """Builds documents and generation prompts; the one place that knows the token layout."""
 
     def __init__(self, vocab: UnifiedVocab, encode_text, loss_on: LossOn = "all"):
-        if loss_on not in ("all", "completion"):
-            raise ValueError(f"data.loss_on={loss_on!r} is invalid: use 'all' or 'completion'")
+        if loss_on not in LOSS_ON:
+            raise ValueError(f"data.loss_on={loss_on!r} is invalid: use one of {', '.join(LOSS_ON)}")
         self.vocab = vocab
         self.encode_text = encode_text  # str -> list[int] sentencepiece piece ids
         self.loss_on = loss_on
@@ -98,7 +104,8 @@ class SequenceBuilder:
                 piece = self.image_ids(seg.codes)
             else:
                 raise TypeError(f"unknown segment type {type(seg).__name__}; use TextSegment or ImageSegment")
-            target = self.loss_on == "all" or k >= n_prompt_segments
+            target = (self.loss_on == "all" or k >= n_prompt_segments
+                      or (self.loss_on == "no_prompt_text" and isinstance(seg, ImageSegment)))
             ids.extend(piece)
             mask.extend([target] * len(piece))
         ids.append(self.vocab.eos_id)

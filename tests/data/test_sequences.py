@@ -38,6 +38,17 @@ def test_image_to_text_layout_and_completion_mask():
     assert labels[6] == doc.input_ids[7]
 
 
+def test_no_prompt_text_trains_images_everywhere_and_captions_after_their_image():
+    b = SequenceBuilder(VOCAB, fake_encode, loss_on="no_prompt_text")
+    t2i = b.text_to_image("ab", torch.arange(4))
+    # <bos> and the prompt text are context; <boi> codes <eoi> <eos> are targets
+    assert t2i.loss_mask.tolist() == [False] * 3 + [True] * 7
+    i2t = b.image_to_text(torch.arange(4), "xy")
+    # the image of a captioning document stays a target (the unconditional image model of CFG)
+    assert i2t.loss_mask.tolist() == [False] + [True] * 9
+    assert (i2t.loss_mask == SequenceBuilder(VOCAB, fake_encode).image_to_text(torch.arange(4), "xy").loss_mask).all()
+
+
 def test_interleaved_any_order(builder):
     segs = [ImageSegment(torch.tensor([5])), TextSegment("a"), ImageSegment(torch.tensor([6, 7])), TextSegment("b")]
     doc = builder.document(segs)
