@@ -1,7 +1,7 @@
 """Composition probe: does the model read a colour-shape pair it never saw, in either direction?
 
 For single-object images (test split: seen pairs and the held-out pairs), every caption "a picture of
-a <colour> <shape>" of the world is scored under the model both ways:
+a(n) <colour> <shape>" of the world is scored under the model both ways:
 
 - caption direction, log p(caption | image): what a left-to-right captioner ranks;
 - image direction, log p(image | caption): how well the caption explains the image (noisy channel).
@@ -19,7 +19,7 @@ import itertools
 
 from tqdm.auto import tqdm
 
-from chameleon_lite.data.shapes import COLOURS, SHAPES, ShapesWorld
+from chameleon_lite.data.shapes import COLOURS, SHAPES, SceneSpec, ShapesWorld, canonical_caption
 
 DIRECTIONS = {"caption": "image -> caption", "image": "caption -> image"}  # table labels (no "|")
 METRICS = ("exact", "colour", "shape", "shape_given_true_colour", "shape_given_other_colour")
@@ -47,7 +47,7 @@ def run_composition_probe(gen, world: ShapesWorld, n_per_group: int, batch_size:
     samples = single_object_samples(world, n_per_group)
     colours, shapes = list(COLOURS), list(SHAPES)
     pairs = list(itertools.product(colours, shapes))
-    texts = [f"a picture of a {c} {s}" for c, s in pairs]
+    texts = [f"a picture of {canonical_caption(SceneSpec(((c, s, 1),)))}" for c, s in pairs]  # "an orange ..."
     records, examples = [], []
     for start in tqdm(range(0, len(samples), batch_size), desc="composition probe", unit="batch"):
         chunk = samples[start:start + batch_size]
