@@ -8,8 +8,10 @@ held-out pair's caption explains its image better than its seen neighbours do.
 
 `search_scenes` hill-climbs over shapes-world scenes: from a start scene (the parsed caption), score
 every scene one edit away (`neighbours`: another colour or shape for one object kind, another
-count, a relation added, removed, reversed or changed) by log p(image | canonical caption) and move
-to the best while it improves. The answer is a scene of the grammar, so this is captioning as
+count, a relation added, removed, reversed or changed) and move to the best while it improves. The
+score is the caller's; the captioning eval (`chameleon_lite.eval.captioning.search_captions`) uses
+log p(image | caption) + w log p(caption | image) of the scene's canonical caption: the channel
+composes but barely counts, the captioner counts but vetoes unseen pairs. The answer is a scene of the grammar, so this is captioning as
 maximum-likelihood classification over the scene space (a generative classifier), not free text:
 the README reports it apart from sampled captions.
 """
