@@ -16,7 +16,8 @@ pytestmark = pytest.mark.slow
 
 
 def test_generate_cli_tasks(tiny_checkpoint, tmp_path):
-    for task, extra in [("t2i", ["n=2", "prompt=[a red circle,two blue squares]", "image_candidates=2"]),
+    for task, extra in [("t2i", ["n=2", "prompt=[a red circle,two blue squares]", "image_candidates=2",
+                                 "negative_prompt=a red square"]),
                         ("text", ["prompt=a red", "max_new_tokens=8"]),
                         ("interleaved", ["prompt=a red", "max_new_tokens=80"])]:
         out = tmp_path / task
@@ -24,6 +25,10 @@ def test_generate_cli_tasks(tiny_checkpoint, tmp_path):
         assert json.loads((out / "generate.json").read_text())["task"] == task
         if task == "t2i":
             assert (out / "t2i.png").is_file() and rec["prompts"] == ["a red circle", "two blue squares"]
+            assert rec["negative_prompts"] == ["a red square"] * 2
+    with pytest.raises(ConfigError, match="negative_prompt has 3 texts for 2 prompts"):
+        generate(compose_config("generate", [f"ckpt={tiny_checkpoint}", "prompt=[a,b]", "negative_prompt=[c,d,e]",
+                                             f"out_dir={tmp_path / 'bad'}"]))
     # caption an image file written by the t2i run
     out = tmp_path / "caption"
     rec = generate(compose_config("generate", [f"ckpt={tiny_checkpoint}", "task=caption",
@@ -46,7 +51,7 @@ def test_bad_checkpoint_path_is_a_clear_error(tmp_path):
 
 
 @pytest.mark.parametrize("task", ["geneval", "caption", "perplexity", "caption scene_search.rounds=2",
-                                  "composition n_probe=2"])
+                                  "composition n_probe=2", "geneval image_negative_scale=1.0"])
 def test_eval_tasks_write_json_markdown_grid(tiny_checkpoint, tmp_path, task):
     task, *extra = task.split()
     res = evaluate(compose_config("eval", [f"task={task}", f"ckpt={tiny_checkpoint}", f"out_dir={tmp_path}",
@@ -63,12 +68,14 @@ def test_eval_tasks_write_json_markdown_grid(tiny_checkpoint, tmp_path, task):
         assert res["summary"]["image"]["perplexity"] > 1.0
 
 
-@pytest.mark.parametrize("override", ["scene_search.rounds=-1", "scene_search.caption_weight=-0.5"])
-def test_eval_scene_search_bad_setting_names_the_key_before_captioning(tiny_checkpoint, tmp_path, override):
-    cfg = compose_config("eval", ["task=caption", f"ckpt={tiny_checkpoint}", f"out_dir={tmp_path}", override])
-    with pytest.raises(ConfigError, match=override.split("=")[0]):
+@pytest.mark.parametrize("override", ["caption scene_search.rounds=-1", "caption scene_search.caption_weight=-0.5",
+                                      "geneval image_negative_scale=-1", "geneval image_negative_scale=1 cfg_scale=null"])
+def test_eval_bad_setting_names_the_key_before_any_sampling(tiny_checkpoint, tmp_path, override):
+    task, *overrides = override.split()
+    cfg = compose_config("eval", [f"task={task}", f"ckpt={tiny_checkpoint}", f"out_dir={tmp_path}", *overrides])
+    with pytest.raises(ConfigError, match=overrides[0].split("=")[0]):
         evaluate(cfg)
-    assert not (tmp_path / "caption.json").exists()
+    assert not (tmp_path / f"{task}.json").exists()
 
 
 def test_notebook_runs_top_to_bottom(tiny_checkpoint):

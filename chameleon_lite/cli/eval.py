@@ -55,9 +55,15 @@ def evaluate(cfg: DictConfig) -> dict:
     if cfg.task == "geneval":
         from chameleon_lite.eval.geneval import run_geneval
 
+        require(cfg, "image_negative_scale", lambda v: isinstance(v, (int, float)) and v >= 0,
+                "a number >= 0 (0 = off)")
+        if cfg.image_negative_scale > 0 and cfg.cfg_scale is None:
+            raise ConfigError("image_negative_scale > 0 adds to classifier-free guidance: set cfg_scale "
+                              "(e.g. cfg_scale=2.0) or image_negative_scale=0")
         summary, records, examples = run_geneval(gen, _world(cfg, cfg.n_prompts), cfg.n_prompts, cfg.images_per_prompt,
                                                  cfg.cfg_scale, cfg.image_temperature, cfg.image_top_k, cfg.seed,
-                                                 candidates=cfg.image_candidates)
+                                                 candidates=cfg.image_candidates,
+                                                 negative_scale=cfg.image_negative_scale)
         table = markdown_table(category_rows(summary, ["accuracy"]), ["category", "n", "accuracy"])
     elif cfg.task == "caption":
         from chameleon_lite.eval.captioning import run_captioning

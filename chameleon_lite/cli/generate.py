@@ -34,9 +34,20 @@ def generate(cfg: DictConfig) -> dict:
     if cfg.task == "t2i":
         if not prompts:
             raise ConfigError("task=t2i needs prompt=\"...\" (or a list)")
+        negatives = as_list(cfg.negative_prompt)
+        if negatives:
+            if len(negatives) == 1:
+                negatives = negatives * len(prompts)
+            if len(negatives) != len(prompts):
+                raise ConfigError(f"negative_prompt has {len(negatives)} texts for {len(prompts)} prompts: give one "
+                                  "text (for every prompt) or one per prompt")
+            if cfg.cfg_scale is None:
+                raise ConfigError("negative_prompt adds to classifier-free guidance: set cfg_scale (e.g. 2.0)")
+            record["negative_prompts"] = negatives
         images = gen.generate_images(prompts, n=cfg.n, cfg_scale=cfg.cfg_scale, temperature=cfg.image_temperature,
                                      top_k=cfg.image_top_k, top_p=cfg.image_top_p, seed=cfg.seed,
-                                     candidates=cfg.image_candidates)
+                                     candidates=cfg.image_candidates, negative_prompts=negatives or None,
+                                     negative_scale=cfg.negative_scale)
         titles = [p for p in prompts for _ in range(cfg.n)]
         record["images"] = str(save_captioned_grid(images, titles, out_dir / "t2i.png", nrow=cfg.n))
         record["prompts"] = prompts

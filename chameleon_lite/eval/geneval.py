@@ -4,6 +4,11 @@ GenEval's protocol (Ghosh et al. 2023) on the shapes world: K images per prompt,
 correct when the detector finds exactly the objects the prompt names (colour, shape, count, no
 extras) and the stated relation holds; accuracy per category, overall = mean over categories.
 Prompts containing a held-out colour-shape pair are also reported on their own.
+
+``negative_scale`` > 0 guides each image away from one of its prompt's neighbouring scenes (one edit
+away: another colour, shape or count of one object kind, another relation; `scene_search.neighbours`),
+taken in turn: for "a red triangle" the images see "a blue triangle", "a red square", ... as negative
+prompts, so guidance pushes towards what only the prompt says.
 """
 
 from __future__ import annotations
@@ -11,7 +16,8 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from chameleon_lite.data.shapes import ShapesWorld, detect_objects
+from chameleon_lite.data.shapes import ShapesWorld, canonical_caption, detect_objects
+from chameleon_lite.eval.scene_search import neighbours
 from chameleon_lite.eval.scoring import aggregate, score_generated_image
 
 
@@ -30,17 +36,22 @@ def describe_detections(image: torch.Tensor, limit: int = 6) -> str:
 
 def run_geneval(gen, world: ShapesWorld, n_prompts: int, images_per_prompt: int, cfg_scale: float | None,
                 temperature: float, top_k: int, seed: int, batch_prompts: int = 4,
-                candidates: int = 1) -> tuple[dict, list, list]:
+                candidates: int = 1, negative_scale: float = 0.0) -> tuple[dict, list, list]:
     """Returns (summary, records, examples) where examples are (image, title) pairs for the grid.
     ``candidates``: best ``images_per_prompt`` of ``images_per_prompt * candidates`` by the model's own
-    log p(prompt | image) (`Generator.generate_images`); the detector never chooses."""
+    log p(prompt | image) (`Generator.generate_images`); the detector never chooses. ``negative_scale``:
+    the weight of the neighbour-scene negatives (module docstring); 0 = plain classifier-free guidance."""
     records, examples = [], []
     samples = [world[i] for i in range(n_prompts)]
     for start in tqdm(range(0, n_prompts, batch_prompts), desc="geneval", unit="prompts"):
         chunk = samples[start:start + batch_prompts]
+        negatives = None
+        if negative_scale > 0:
+            negatives = [[canonical_caption(n) for n in neighbours(s.spec)] for s in chunk]
         images = to_uint8(gen.generate_images([s.caption for s in chunk], n=images_per_prompt, cfg_scale=cfg_scale,
                                               temperature=temperature, top_k=top_k, seed=seed + start,
-                                              candidates=candidates))
+                                              candidates=candidates, negative_prompts=negatives,
+                                              negative_scale=negative_scale))
         for k, image in enumerate(images):
             sample = chunk[k // images_per_prompt]
             score = score_generated_image(image, sample.spec)

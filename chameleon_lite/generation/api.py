@@ -28,6 +28,20 @@ def _check_candidates(candidates: int) -> None:
         raise ValueError(f"candidates={candidates!r} must be an int >= 1 (1 = no reranking)")
 
 
+def _per_image(negative_prompts: Sequence[str | Sequence[str]], n_prompts: int, k: int) -> list[str]:
+    """One negative text per drawn image, prompt-major: each prompt's entry (a text, or texts taken in turn)."""
+    if isinstance(negative_prompts, str) or len(negative_prompts) != n_prompts:
+        raise ValueError(f"negative_prompts must hold one entry per prompt ({n_prompts}), each a text or a "
+                         f"list of texts; got {negative_prompts!r:.80}")
+    out = []
+    for i, entry in enumerate(negative_prompts):
+        texts = [entry] if isinstance(entry, str) else list(entry)
+        if not texts or not all(isinstance(t, str) for t in texts):
+            raise ValueError(f"negative_prompts[{i}] = {entry!r:.80} must be a text or a non-empty list of texts")
+        out += [texts[j % len(texts)] for j in range(k)]
+    return out
+
+
 @dataclass
 class Segment:
     """One piece of generated interleaved output: ``text`` or ``image`` (float (3, H, W) in [0, 1])."""
@@ -68,7 +82,9 @@ class Generator:
     # ------------------------------------------------------------------ tasks
     def generate_images(self, prompts: Sequence[str], n: int = 1, cfg_scale: float | None = 2.0,
                         temperature: float = 0.6, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-                        batch_size: int = 16, candidates: int = 1) -> torch.Tensor:
+                        batch_size: int = 16, candidates: int = 1,
+                        negative_prompts: Sequence[str | Sequence[str]] | None = None,
+                        negative_scale: float = 1.0) -> torch.Tensor:
         """Text -> image. Returns float images (len(prompts) * n, 3, H, W) in [0, 1], prompt-major.
 
         The defaults (CFG 2, image temperature 0.6) are conf/eval.yaml's, chosen on the shapes val split:
@@ -78,25 +94,36 @@ class Generator:
         ``candidates`` > 1: draw ``n * candidates`` images per prompt and keep the ``n`` whose codes make
         the prompt most likely as their caption, log p(prompt | image) under the model itself (best-of-N
         reranking, as DALL-E did with CLIP, here with the captioning direction of the same model; kept
-        images stay in drawing order)."""
+        images stay in drawing order).
+
+        ``negative_prompts``: per prompt, a text (or a list of texts, taken in turn by its images) that
+        guidance steers away from with weight ``negative_scale`` (`SamplingConfig.negative_scale`; needs
+        ``cfg_scale``). A negative that differs from its prompt in one attribute ("a red square" for "a
+        red triangle") pushes towards what only the prompt says, here the triangle."""
         codes = self.generate_image_codes(prompts, n, cfg_scale, temperature, top_k, top_p, seed, batch_size,
-                                          candidates)
+                                          candidates, negative_prompts, negative_scale)
         return self.tok.decode_images(codes)
 
     def generate_image_codes(self, prompts: Sequence[str], n: int = 1, cfg_scale: float | None = 2.0,
                              temperature: float = 0.6, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-                             batch_size: int = 16, candidates: int = 1) -> torch.Tensor:
+                             batch_size: int = 16, candidates: int = 1,
+                             negative_prompts: Sequence[str | Sequence[str]] | None = None,
+                             negative_scale: float = 1.0) -> torch.Tensor:
         """`generate_images` before decoding: VQ codes (len(prompts) * n, h, w)."""
         _check_candidates(candidates)
         k = n * candidates
         ids = [self.builder.t2i_prompt(p) for p in prompts for _ in range(k)]
+        negatives = None
+        if negative_prompts is not None:
+            negatives = [self.builder.t2i_prompt(t) for t in _per_image(negative_prompts, len(prompts), k)]
         cfg = SamplingConfig(max_new_tokens=self.tok.tokens_per_image + 1, image_temperature=temperature,
                              image_top_k=top_k, image_top_p=top_p, cfg_scale=cfg_scale,
+                             negative_scale=None if negatives is None else negative_scale,
                              stop_ids=(self.vocab.eoi_id,), seed=seed)
         codes = []
         for start in range(0, len(ids), batch_size):
-            for out in self.sampler.generate(ids[start:start + batch_size],
-                                             replace(cfg, seed=seed + start)):
+            for out in self.sampler.generate(ids[start:start + batch_size], replace(cfg, seed=seed + start),
+                                             None if negatives is None else negatives[start:start + batch_size]):
                 codes.append(self.vocab.ids_to_image(torch.tensor(out[: self.tok.tokens_per_image])))
         codes = torch.stack(codes)
         if candidates == 1:

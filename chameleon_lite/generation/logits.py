@@ -11,24 +11,33 @@ import torch
 from torch import Tensor
 
 
-def mix_guidance(logits: Tensor, cfg_scale: float, cfg_image_scale: float | None) -> Tensor:
+def mix_guidance(logits: Tensor, cfg_scale: float, cfg_image_scale: float | None,
+                 negative_scale: float | None = None) -> Tensor:
     """Classifier-free guidance over row blocks: (G * B, V) -> (B, V).
 
-    Rows are ordered in blocks ``[conditional | image-conditioned | unconditional]`` (G = 3) or
-    ``[conditional | unconditional]`` (G = 2). With c, i, u the blocks' logits:
+    Rows are ordered in blocks ``[conditional | image-conditioned | negative | unconditional]``, the
+    middle two present when their scale is given (G = 2, 3 or 4). With c, i, n, u the blocks' logits:
 
-    - two rows:   ``u + s * (c - u)``, computed as ``c + (s - 1) * (c - u)``;
-    - three rows (Chameleon's ``InBatchInstructCFG``, InstructPix2Pix-style):
-      ``u + s_img * (i - u) + s * (c - i)``, computed as ``c + (s - 1) * (c - i) + (s_img - 1) * (i - u)``.
+    - ``[c | u]``:   ``u + s * (c - u)``, computed as ``c + (s - 1) * (c - u)``;
+    - ``[c | i | u]`` (Chameleon's ``InBatchInstructCFG``, InstructPix2Pix-style):
+      ``u + s_img * (i - u) + s * (c - i)``, computed as ``c + (s - 1) * (c - i) + (s_img - 1) * (i - u)``;
+    - a negative block adds ``s_neg * (c - n)`` to either: away from what the negative prompt explains,
+      towards what only the prompt does.
 
-    The rewritten forms are algebraically equal and make scale 1 return ``c`` bit for bit, so guided
-    sampling at scale 1 draws exactly the tokens of unguided sampling. Logits must be finite.
+    The rewritten forms are algebraically equal and make scale 1 (and ``s_neg`` 0) return ``c`` bit for
+    bit, so guided sampling at those scales draws exactly the tokens of unguided sampling. Logits must be
+    finite.
     """
+    blocks = logits.chunk(2 + (cfg_image_scale is not None) + (negative_scale is not None))
+    cond, uncond = blocks[0], blocks[-1]
     if cfg_image_scale is None:
-        cond, uncond = logits.chunk(2)
-        return cond + (cfg_scale - 1.0) * (cond - uncond)
-    cond, image_cond, uncond = logits.chunk(3)
-    return cond + (cfg_scale - 1.0) * (cond - image_cond) + (cfg_image_scale - 1.0) * (image_cond - uncond)
+        mixed = cond + (cfg_scale - 1.0) * (cond - uncond)
+    else:
+        image_cond = blocks[1]
+        mixed = cond + (cfg_scale - 1.0) * (cond - image_cond) + (cfg_image_scale - 1.0) * (image_cond - uncond)
+    if negative_scale is not None:
+        mixed = mixed + negative_scale * (cond - blocks[-2])
+    return mixed
 
 
 def mask_top_k_top_p(logits: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:

@@ -12,10 +12,12 @@ Drawing ``<boi>`` sets ``left = tokens_per_image``; every image code decrements 
 ``<boi>`` (text -> image) or inside an image starts in image mode. A row finishes at ``<eos>`` or a stop id
 (the finishing token is part of its output) and then emits ``<pad>`` while the other rows go on.
 
-Classifier-free guidance runs G = 2 or 3 rows per prompt in one batch, in blocks
-``[conditional | image-conditioned | unconditional]``. The guidance rows are built from the prompt:
+Classifier-free guidance runs G = 2 to 4 rows per prompt in one batch, in blocks
+``[conditional | image-conditioned | negative | unconditional]``. The guidance rows are built from the prompt:
 unconditional = ``<bos>`` (+ the prompt's open image, so ``<bos> caption <boi>`` gives ``<bos> <boi>``),
-image-conditioned = the prompt without its text (``<bos>``, ``<boi>``, codes, ``<eoi>`` only). The drawn token
+image-conditioned = the prompt without its text (``<bos>``, ``<boi>``, codes, ``<eoi>`` only), negative = a
+prompt the caller gives per prompt (e.g. ``<bos> a red square <boi>`` beside ``<bos> a red triangle <boi>``:
+guidance then moves away from what both share towards what only the prompt says). The drawn token
 is fed to every row of its prompt, but guidance rows keep only image context: a generated text token is
 written with ``token_mask`` False (never attended to) and does not advance their positions. Guidance
 mixes the logits of image tokens only (:func:`~chameleon_lite.generation.logits.mix_guidance`); text is
@@ -80,6 +82,9 @@ class SamplingConfig:
       draws image codes from ``u + s * (c - u)``; s = 1 draws exactly the unguided tokens (twice the work).
     - ``cfg_image_scale``: with ``cfg_scale``, Chameleon's three-row guidance for prompts that contain images:
       ``u + cfg_image_scale * (i - u) + cfg_scale * (c - i)``, i = the prompt's images without its text.
+    - ``negative_scale``: with ``cfg_scale`` and one negative prompt per prompt (`Sampler.generate`'s
+      ``negatives``): image codes from ``u + cfg_scale * (c - u) + negative_scale * (c - n)``, n = the
+      negative row (the negative prompt + the generated image context). 0 draws the ``cfg_scale`` tokens.
     - ``text_cfg_scale``: None = text from the conditional row. A float s >= 0 draws text from
       ``u + s * (c - u)`` (the unconditional row, run with or without ``cfg_scale``, then keeps generated text);
       s = 1 draws exactly the unguided tokens.
@@ -101,6 +106,7 @@ class SamplingConfig:
     stop_ids: tuple[int, ...] = ()
     cfg_scale: float | None = None
     cfg_image_scale: float | None = None
+    negative_scale: float | None = None
     text_cfg_scale: float | None = None
     seed: int = 0
 
@@ -114,18 +120,21 @@ class SamplingConfig:
             _check_int(f"{modality}_top_k", top_k, minimum=0, note=" (0 = no top-k)")
             if not 0 < top_p <= 1:
                 raise ValueError(f"{modality}_top_p={top_p!r} must be in (0, 1] (1 = no top-p)")
-        for name in ("cfg_scale", "cfg_image_scale", "text_cfg_scale"):
+        for name in ("cfg_scale", "cfg_image_scale", "negative_scale", "text_cfg_scale"):
             scale = getattr(self, name)
             if scale is not None and not scale >= 0:
                 raise ValueError(f"{name}={scale!r} must be >= 0 (or None for no guidance)")
         if self.cfg_image_scale is not None and self.cfg_scale is None:
             raise ValueError("cfg_image_scale needs cfg_scale: three-row guidance mixes both scales")
+        if self.negative_scale is not None and self.cfg_scale is None:
+            raise ValueError("negative_scale needs cfg_scale: negative prompts add to classifier-free guidance "
+                             "(cfg_scale=1.0 for negatives alone)")
         object.__setattr__(self, "stop_ids", tuple(int(i) for i in self.stop_ids))
 
     @property
     def guidance_rows(self) -> int:
-        """Model rows per prompt: 1 (no guidance), 2 (cond + uncond) or 3 (+ image-conditioned)."""
-        return 1 + self.unconditional_row + (self.cfg_image_scale is not None)
+        """Model rows per prompt: 1 (no guidance), 2 (cond + uncond), + 1 image-conditioned, + 1 negative."""
+        return 1 + self.unconditional_row + (self.cfg_image_scale is not None) + (self.negative_scale is not None)
 
     @property
     def unconditional_row(self) -> bool:
@@ -201,21 +210,26 @@ class Sampler:
             self._decode_call = torch.compile(self._feed_and_draw, fullgraph=True, dynamic=False, options=options)
 
     # ----------------------------------------------------------------------------------- public API
-    def generate(self, prompts: Sequence[Sequence[int]], cfg: SamplingConfig) -> list[list[int]]:
-        """New token ids per prompt (prompt excluded, finishing ``<eos>``/stop id included, no padding)."""
-        run = self._prefill(prompts, cfg)
+    def generate(self, prompts: Sequence[Sequence[int]], cfg: SamplingConfig,
+                 negatives: Sequence[Sequence[int]] | None = None) -> list[list[int]]:
+        """New token ids per prompt (prompt excluded, finishing ``<eos>``/stop id included, no padding).
+
+        ``negatives``: one negative prompt per prompt, needed exactly when ``cfg.negative_scale`` is set; each
+        must leave the same image open as its prompt (for text -> image both end in ``<boi>``)."""
+        run = self._prefill(prompts, cfg, negatives)
         for step in range(cfg.max_new_tokens):
             self._step(run, step)
             if (step + 1) % ALL_DONE_CHECK_EVERY == 0 and bool(run.done.all()):
                 break
         return [row[:n] for row, n in zip(run.out.tolist(), run.lengths.tolist())]
 
-    def stream(self, prompts: Sequence[Sequence[int]], cfg: SamplingConfig) -> Iterator[StepEvent]:
+    def stream(self, prompts: Sequence[Sequence[int]], cfg: SamplingConfig,
+               negatives: Sequence[Sequence[int]] | None = None) -> Iterator[StepEvent]:
         """Yield one `StepEvent` per decode step as soon as it is drawn, until every row has finished.
 
         Same tokens as `generate` for the same arguments. Each event reads the step back to the host.
         """
-        run = self._prefill(prompts, cfg)
+        run = self._prefill(prompts, cfg, negatives)
         for step in range(cfg.max_new_tokens):
             tokens, mode_index, was_done = self._step(run, step)
             modes = torch.where(was_done, Mode.DONE, (mode_index != _TEXT).long())
@@ -226,7 +240,8 @@ class Sampler:
 
     # ----------------------------------------------------------------------------------- prefill
     @torch.inference_mode()
-    def _prefill(self, prompts: Sequence[Sequence[int]], cfg: SamplingConfig) -> _Decoding:
+    def _prefill(self, prompts: Sequence[Sequence[int]], cfg: SamplingConfig,
+                 negatives: Sequence[Sequence[int]] | None = None) -> _Decoding:
         """Validate, left-pad all model rows, run the prompt through the model once, set up the state."""
         cfg_model = self.model.cfg
         if self.model.training and (cfg_model.attn_dropout or cfg_model.resid_dropout):
@@ -238,9 +253,11 @@ class Sampler:
             raise ValueError("prompts is empty: give at least one prompt (a list of token ids)")
         self._check_stop_ids(cfg.stop_ids)
         left = [self._initial_left(i, p) for i, p in enumerate(prompts)]
-        rows = list(prompts)  # guidance blocks: [conditional | image-conditioned | unconditional]
+        negatives = self._check_negatives(negatives, prompts, left, cfg)
+        rows = list(prompts)  # guidance blocks: [conditional | image-conditioned | negative | unconditional]
         if cfg.cfg_image_scale is not None:
             rows += [self._image_context_prompt(p) for p in prompts]
+        rows += negatives
         if cfg.unconditional_row:
             rows += [self._unconditional_prompt(p) for p in prompts]
 
@@ -271,20 +288,40 @@ class Sampler:
             out=torch.full((n, cfg.max_new_tokens), self.vocab.pad_id, dtype=torch.long, device=device),
         )
 
-    def _check_prompt(self, index: int, prompt: Sequence[int], cfg: SamplingConfig) -> list[int]:
+    def _check_prompt(self, index: int, prompt: Sequence[int], cfg: SamplingConfig,
+                      what: str = "prompt") -> list[int]:
         ids = [int(t) for t in prompt]
         limit = self.model.cfg.max_seq_len - cfg.max_new_tokens
         if not ids:
-            raise ValueError(f"prompt {index} is empty: a prompt needs at least one token (usually <bos>)")
+            raise ValueError(f"{what} {index} is empty: a prompt needs at least one token (usually <bos>)")
         if len(ids) > limit:
-            raise ValueError(f"prompt {index} has {len(ids)} tokens, more than the limit {limit} = model "
+            raise ValueError(f"{what} {index} has {len(ids)} tokens, more than the limit {limit} = model "
                              f"max_seq_len {self.model.cfg.max_seq_len} - max_new_tokens "
                              f"{cfg.max_new_tokens}: shorten the prompt or lower max_new_tokens")
         bad = [t for t in ids if not 0 <= t < self.vocab.size]
         if bad:
-            raise ValueError(f"prompt {index} has ids {bad[:5]} outside the vocab [0, {self.vocab.size}) "
+            raise ValueError(f"{what} {index} has ids {bad[:5]} outside the vocab [0, {self.vocab.size}) "
                              f"({self.vocab.layout.describe()})")
         return ids
+
+    def _check_negatives(self, negatives: Sequence[Sequence[int]] | None, prompts: list[list[int]],
+                         left: list[int], cfg: SamplingConfig) -> list[list[int]]:
+        """The negative rows: one per prompt when ``cfg.negative_scale`` is set, none otherwise."""
+        if cfg.negative_scale is None:
+            if negatives is not None:
+                raise ValueError("negatives were given but cfg.negative_scale is None: set negative_scale "
+                                 "(e.g. 1.0) to guide away from them")
+            return []
+        if negatives is None or len(negatives) != len(prompts):
+            got = "none" if negatives is None else len(negatives)
+            raise ValueError(f"cfg.negative_scale={cfg.negative_scale} needs one negative prompt per prompt: "
+                             f"{len(prompts)} prompts, {got} negatives")
+        rows = [self._check_prompt(i, n, cfg, what="negative prompt") for i, n in enumerate(negatives)]
+        for i, (row, state) in enumerate(zip(rows, left)):
+            if self._initial_left(i, row) != state:
+                raise ValueError(f"negative prompt {i} must leave the same image open as prompt {i} (for text "
+                                 "-> image both end in <boi>): its guidance row is fed the same image codes")
+        return rows
 
     def _check_stop_ids(self, stop_ids: tuple[int, ...]) -> None:
         for i in stop_ids:
@@ -387,7 +424,7 @@ class Sampler:
         mode = left.sign() + 1  # (B,) _TEXT / _END_IMAGE / _IMAGE
         scores, cfg = logits[:n], run.cfg
         if cfg.cfg_scale is not None:
-            guided = mix_guidance(logits, cfg.cfg_scale, cfg.cfg_image_scale)
+            guided = mix_guidance(logits, cfg.cfg_scale, cfg.cfg_image_scale, cfg.negative_scale)
             scores = torch.where((mode == _IMAGE)[:, None], guided, scores)
         if cfg.text_cfg_scale is not None:  # [conditional | unconditional] blocks, the first and the last
             guided = mix_guidance(torch.cat([logits[:n], logits[-n:]]), cfg.text_cfg_scale, None)
@@ -403,8 +440,8 @@ class Sampler:
         return tokens, mode, done, left
 
     def _feed(self, run: _Decoding, tokens: Tensor, head: slice | None) -> Tensor:
-        """One model call on ``tokens`` (B,) for all G*B rows; guidance rows keep only image context (the
-        unconditional row keeps everything under text guidance).
+        """One model call on ``tokens`` (B,) for all G*B rows; guidance rows (image-conditioned, negative,
+        unconditional) keep only image context (the unconditional row keeps everything under text guidance).
         Returns the next-token logits (G*B, V) float32 (ids outside ``head`` at 0: every row's mode
         disallows them, the bias sets them to -inf)."""
         g = run.cfg.guidance_rows

@@ -46,6 +46,14 @@ def prompts(vocab):
     ]
 
 
+@pytest.fixture(scope="module")
+def negatives(vocab, prompts):
+    """One negative prompt per prompt: other text, the same open image (so the same modality state)."""
+    other = vocab.text_to_ids([8, 7, 7])
+    b, boi = vocab.bos_id, vocab.boi_id
+    return [[b, *other], [b, *other, boi], [b, *other], [b, *other[:1], boi, *vocab.image_to_ids([1, 2])], [b, *other]]
+
+
 def _image_code_counts(vocab, tokens, open_codes):
     """Parse one output into images: the number of image ids between each <boi> and its <eoi>, and the
     codes of a trailing unfinished image (None if the output ends in text). Fails on an image id outside
@@ -84,15 +92,20 @@ def test_head_slice_covers_exactly_the_ids_of_the_rows_mode(sampler, vocab):
 
 @pytest.mark.parametrize("guidance", [{}, {"cfg_scale": 3.0}, {"cfg_scale": 3.0, "cfg_image_scale": 1.5},
                                       {"text_cfg_scale": 2.0},
-                                      {"cfg_scale": 3.0, "cfg_image_scale": 1.5, "text_cfg_scale": 2.0}])
-def test_cached_decoding_matches_full_forward_for_every_model_row(sampler, model, vocab, prompts, guidance):
+                                      {"cfg_scale": 3.0, "cfg_image_scale": 1.5, "text_cfg_scale": 2.0},
+                                      {"cfg_scale": 3.0, "negative_scale": 1.0},
+                                      {"cfg_scale": 3.0, "cfg_image_scale": 1.5, "negative_scale": 0.5,
+                                       "text_cfg_scale": 2.0}])
+def test_cached_decoding_matches_full_forward_for_every_model_row(sampler, model, vocab, prompts, negatives,
+                                                                  guidance):
     """White-box: after each decode step, the logits of every model row (conditional, image-conditioned,
     unconditional; left-padded, fed through the static cache) equal a plain forward of that row's
     sequence without cache. Guidance rows hold the prompt's guidance form + the generated image context
     (generated text is dropped); their logits are only used (and checked) after an image-context token.
     Under text guidance the unconditional row keeps every generated token and is checked at every step."""
     cfg = SamplingConfig(max_new_tokens=40, seed=3, **guidance)
-    run = sampler._prefill(prompts, cfg)
+    negated = cfg.negative_scale is not None
+    run = sampler._prefill(prompts, cfg, negatives if negated else None)
     n, checked, image_after_text = len(prompts), 0, 0
     g, text_guided = cfg.guidance_rows, cfg.text_cfg_scale is not None
     for step in range(cfg.max_new_tokens):
@@ -109,6 +122,8 @@ def test_cached_decoding_matches_full_forward_for_every_model_row(sampler, model
                 image_after_text += len(context) < len(fed[i])
                 if cfg.cfg_image_scale is not None:
                     rows[1] = sampler._image_context_prompt(prompt) + context
+                if negated:
+                    rows[g - 2] = negatives[i] + context
                 if cfg.cfg_scale is not None:
                     rows[g - 1] = sampler._unconditional_prompt(prompt) + context
             if text_guided:
@@ -207,6 +222,37 @@ def test_text_guidance_changes_the_caption(sampler, vocab, prompts):
     assert all(vocab.is_text_id(t) or t == vocab.eos_id for t in guided[0])
 
 
+def test_negative_scale_zero_draws_the_guided_tokens_and_a_negative_changes_them(sampler, vocab, prompts,
+                                                                                  negatives):
+    """+ 0 * (c - n) is exact: scale 0 draws the cfg_scale tokens; a positive scale moves image codes only
+    (text is drawn from the conditional row)."""
+    cfg = SamplingConfig(max_new_tokens=30, seed=4, cfg_scale=2.0, image_top_k=6)
+    guided = sampler.generate(prompts, cfg)
+    assert sampler.generate(prompts, replace(cfg, negative_scale=0.0), negatives) == guided
+    t2i = [prompts[1], prompts[3]]
+    cfg = SamplingConfig(max_new_tokens=N_IMAGE_TOKENS + 1, image_temperature=0.0, stop_ids=(vocab.eoi_id,),
+                         cfg_scale=2.0)
+    away = sampler.generate(t2i, replace(cfg, negative_scale=6.0), [negatives[1], negatives[3]])
+    assert away != sampler.generate(t2i, cfg)
+    assert [len(out) for out in away] == [N_IMAGE_TOKENS + 1, N_IMAGE_TOKENS - 1]
+    assert all(vocab.is_image_id(t) for out in away for t in out[:-1])
+
+
+def test_negative_prompts_are_checked_against_the_config_and_their_prompts(sampler, vocab, prompts, negatives):
+    cfg = SamplingConfig(max_new_tokens=4, cfg_scale=2.0)
+    with pytest.raises(ValueError, match="negative_scale is None: set negative_scale"):
+        sampler.generate(prompts, cfg, negatives)
+    neg = replace(cfg, negative_scale=1.0)
+    with pytest.raises(ValueError, match="needs one negative prompt per prompt: 5 prompts, none"):
+        sampler.generate(prompts, neg)
+    with pytest.raises(ValueError, match="5 prompts, 4 negatives"):
+        sampler.generate(prompts, neg, negatives[:4])
+    with pytest.raises(ValueError, match="negative prompt 1 must leave the same image open as prompt 1"):
+        sampler.generate(prompts, neg, [negatives[0]] * 5)
+    with pytest.raises(ValueError, match="negative prompt 2 is empty"):
+        sampler.generate(prompts, neg, [*negatives[:2], [], *negatives[3:]])
+
+
 def test_guidance_changes_image_tokens(sampler, vocab, prompts):
     cfg = SamplingConfig(max_new_tokens=N_IMAGE_TOKENS + 1, image_temperature=0.0, stop_ids=(vocab.eoi_id,))
     t2i = [prompts[1], [vocab.bos_id, *vocab.text_to_ids([8, 8, 8]), vocab.boi_id]]
@@ -277,6 +323,8 @@ def test_prompt_with_text_inside_an_open_image_raises(sampler, vocab):
         ({"cfg_scale": -0.5}, "cfg_scale=-0.5 must be >= 0"),
         ({"cfg_scale": 2.0, "cfg_image_scale": -1.0}, "cfg_image_scale=-1.0 must be >= 0"),
         ({"cfg_image_scale": 1.5}, "cfg_image_scale needs cfg_scale"),
+        ({"negative_scale": 1.0}, "negative_scale needs cfg_scale"),
+        ({"cfg_scale": 2.0, "negative_scale": -1.0}, "negative_scale=-1.0 must be >= 0"),
         ({"max_new_tokens": 0}, "max_new_tokens=0"),
         ({"text_temperature": -1.0}, "text_temperature"),
         ({"image_top_p": 0.0}, "image_top_p"),

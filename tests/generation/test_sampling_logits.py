@@ -34,6 +34,12 @@ def test_mix_guidance_matches_the_textbook_formulas_and_is_exact_at_scale_one():
     torch.testing.assert_close(three_rows, u + 1.5 * (i - u) + 3.0 * (c - i))
     assert torch.equal(mix_guidance(torch.cat([c, u]), 1.0, None), c)
     assert torch.equal(mix_guidance(torch.cat([c, i, u]), 1.0, 1.0), c)
+    n = torch.randn(2, 50)
+    with_negative = mix_guidance(torch.cat([c, n, u]), 3.0, None, 0.5)
+    torch.testing.assert_close(with_negative, u + 3.0 * (c - u) + 0.5 * (c - n))
+    all_four = mix_guidance(torch.cat([c, i, n, u]), 3.0, 1.5, 0.5)
+    torch.testing.assert_close(all_four, u + 1.5 * (i - u) + 3.0 * (c - i) + 0.5 * (c - n))
+    assert torch.equal(mix_guidance(torch.cat([c, n, u]), 2.0, None, 0.0), mix_guidance(torch.cat([c, u]), 2.0, None))
 
 
 def test_gumbel_max_draws_follow_softmax_and_greedy_rows_take_the_argmax():
