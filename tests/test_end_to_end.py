@@ -51,7 +51,7 @@ def test_bad_checkpoint_path_is_a_clear_error(tmp_path):
 
 
 @pytest.mark.parametrize("task", ["geneval", "caption", "perplexity", "caption scene_search.rounds=2",
-                                  "composition n_probe=2", "geneval image_negative_scale=1.0"])
+                                  "composition n_probe=2", "geneval image_negative_scale=1.0 image_negative_edits=[kind]"])
 def test_eval_tasks_write_json_markdown_grid(tiny_checkpoint, tmp_path, task):
     task, *extra = task.split()
     res = evaluate(compose_config("eval", [f"task={task}", f"ckpt={tiny_checkpoint}", f"out_dir={tmp_path}",
@@ -69,7 +69,8 @@ def test_eval_tasks_write_json_markdown_grid(tiny_checkpoint, tmp_path, task):
 
 
 @pytest.mark.parametrize("override", ["caption scene_search.rounds=-1", "caption scene_search.caption_weight=-0.5",
-                                      "geneval image_negative_scale=-1", "geneval image_negative_scale=1 cfg_scale=null"])
+                                      "geneval image_negative_scale=-1", "geneval image_negative_scale=1 cfg_scale=null",
+                                      "geneval image_negative_edits=[colour]"])
 def test_eval_bad_setting_names_the_key_before_any_sampling(tiny_checkpoint, tmp_path, override):
     task, *overrides = override.split()
     cfg = compose_config("eval", [f"task={task}", f"ckpt={tiny_checkpoint}", f"out_dir={tmp_path}", *overrides])

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from chameleon_lite.config import ConfigError, hydra_app, require, resolve_path
 from chameleon_lite.eval.report import category_rows, markdown_table, write_report
@@ -54,16 +54,20 @@ def evaluate(cfg: DictConfig) -> dict:
     gen = _generator(cfg)
     if cfg.task == "geneval":
         from chameleon_lite.eval.geneval import run_geneval
+        from chameleon_lite.eval.scene_search import EDITS
 
         require(cfg, "image_negative_scale", lambda v: isinstance(v, (int, float)) and v >= 0,
                 "a number >= 0 (0 = off)")
+        require(cfg, "image_negative_edits", lambda v: OmegaConf.is_list(v) and len(v) > 0 and set(v) <= set(EDITS),
+                f"a non-empty list of {', '.join(EDITS)}")
         if cfg.image_negative_scale > 0 and cfg.cfg_scale is None:
             raise ConfigError("image_negative_scale > 0 adds to classifier-free guidance: set cfg_scale "
                               "(e.g. cfg_scale=2.0) or image_negative_scale=0")
         summary, records, examples = run_geneval(gen, _world(cfg, cfg.n_prompts), cfg.n_prompts, cfg.images_per_prompt,
                                                  cfg.cfg_scale, cfg.image_temperature, cfg.image_top_k, cfg.seed,
                                                  candidates=cfg.image_candidates,
-                                                 negative_scale=cfg.image_negative_scale)
+                                                 negative_scale=cfg.image_negative_scale,
+                                                 negative_edits=list(cfg.image_negative_edits))
         table = markdown_table(category_rows(summary, ["accuracy"]), ["category", "n", "accuracy"])
     elif cfg.task == "caption":
         from chameleon_lite.eval.captioning import run_captioning

@@ -13,11 +13,13 @@ prompts, so guidance pushes towards what only the prompt says.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from tqdm.auto import tqdm
 
 from chameleon_lite.data.shapes import ShapesWorld, canonical_caption, detect_objects
-from chameleon_lite.eval.scene_search import neighbours
+from chameleon_lite.eval.scene_search import EDITS, neighbours
 from chameleon_lite.eval.scoring import aggregate, score_generated_image
 
 
@@ -36,18 +38,21 @@ def describe_detections(image: torch.Tensor, limit: int = 6) -> str:
 
 def run_geneval(gen, world: ShapesWorld, n_prompts: int, images_per_prompt: int, cfg_scale: float | None,
                 temperature: float, top_k: int, seed: int, batch_prompts: int = 4,
-                candidates: int = 1, negative_scale: float = 0.0) -> tuple[dict, list, list]:
+                candidates: int = 1, negative_scale: float = 0.0,
+                negative_edits: Sequence[str] = EDITS) -> tuple[dict, list, list]:
     """Returns (summary, records, examples) where examples are (image, title) pairs for the grid.
     ``candidates``: best ``images_per_prompt`` of ``images_per_prompt * candidates`` by the model's own
     log p(prompt | image) (`Generator.generate_images`); the detector never chooses. ``negative_scale``:
-    the weight of the neighbour-scene negatives (module docstring); 0 = plain classifier-free guidance."""
+    the weight of the neighbour-scene negatives (module docstring), ``negative_edits`` the kinds of edit that
+    make them (`scene_search.EDITS`); 0 = plain classifier-free guidance."""
     records, examples = [], []
     samples = [world[i] for i in range(n_prompts)]
     for start in tqdm(range(0, n_prompts, batch_prompts), desc="geneval", unit="prompts"):
         chunk = samples[start:start + batch_prompts]
         negatives = None
         if negative_scale > 0:
-            negatives = [[canonical_caption(n) for n in neighbours(s.spec)] for s in chunk]
+            negatives = [[canonical_caption(n) for n in neighbours(s.spec, negative_edits) or [s.spec]]
+                         for s in chunk]
         images = to_uint8(gen.generate_images([s.caption for s in chunk], n=images_per_prompt, cfg_scale=cfg_scale,
                                               temperature=temperature, top_k=top_k, seed=seed + start,
                                               candidates=candidates, negative_prompts=negatives,

@@ -23,6 +23,9 @@ from collections.abc import Callable, Sequence
 from chameleon_lite.data.shapes_captions import NUMBER_WORDS
 from chameleon_lite.data.shapes_scene import COLOURS, RELATIONS, SHAPES, ObjectKey, Relation, SceneSpec
 
+#: The kinds of one-edit moves `neighbours` makes: an object kind's colour or shape, its count, the relation.
+EDITS = ("kind", "count", "relation")
+
 #: (item index, scene) -> score; called with a batch of pairs, returns one float per pair.
 ScoreFn = Callable[[Sequence[tuple[int, SceneSpec]]], Sequence[float]]
 
@@ -38,13 +41,16 @@ def _rekey(key: ObjectKey, old: ObjectKey, new: ObjectKey) -> ObjectKey:
     return new if key == old else key
 
 
-def neighbours(spec: SceneSpec) -> list[SceneSpec]:
+def neighbours(spec: SceneSpec, edits: Sequence[str] = EDITS) -> list[SceneSpec]:
     """Every valid scene one edit from ``spec`` (no duplicates, ``spec`` itself excluded).
 
-    Edits: one object kind's colour or shape (the relation follows the kind), its count (1-4, only
-    in scenes without a relation), a relation added between two single objects, removed, reversed
-    or changed to the other axis.
+    Edits (``edits``, a subset of `EDITS`): ``kind``, one object kind's colour or shape (the relation
+    follows the kind); ``count``, its count (1-4, only in scenes without a relation); ``relation``, a
+    relation added between two single objects, removed, reversed or changed to the other axis.
     """
+    unknown = set(edits) - set(EDITS)
+    if unknown:
+        raise ValueError(f"unknown edits {sorted(unknown)}: use some of {', '.join(EDITS)}")
     out: dict[SceneSpec, None] = {}
     entries = list(spec.objects)
     rel = spec.relation
@@ -54,8 +60,8 @@ def neighbours(spec: SceneSpec) -> list[SceneSpec]:
             out.setdefault(candidate)
 
     for i, entry in enumerate(entries):
-        kinds = [(c, entry.shape) for c in COLOURS if c != entry.colour]
-        kinds += [(entry.colour, s) for s in SHAPES if s != entry.shape]
+        kinds = [(c, entry.shape) for c in COLOURS if c != entry.colour] if "kind" in edits else []
+        kinds += [(entry.colour, s) for s in SHAPES if s != entry.shape] if "kind" in edits else []
         for colour, shape in kinds:
             new_entries = [*entries[:i], (colour, shape, entry.count), *entries[i + 1:]]
             new_rel = None
@@ -67,12 +73,12 @@ def neighbours(spec: SceneSpec) -> list[SceneSpec]:
                 except ValueError:
                     continue
             add(_spec(new_entries, new_rel))
-        if rel is None:
+        if rel is None and "count" in edits:
             for count in NUMBER_WORDS:
                 if count != entry.count:
                     add(_spec([*entries[:i], (entry.colour, entry.shape, count), *entries[i + 1:]], None))
     singles = [e.key for e in entries if e.count == 1]
-    if len(entries) == 2 and len(singles) == 2:
+    if len(entries) == 2 and len(singles) == 2 and "relation" in edits:
         a, b = singles
         for r in RELATIONS:
             for subject, obj in ((a, b), (b, a)):

@@ -15,7 +15,7 @@ from chameleon_lite.data.shapes import (
     parse_caption,
 )
 from chameleon_lite.eval.captioning import run_captioning, search_captions
-from chameleon_lite.eval.scene_search import neighbours, search_scenes
+from chameleon_lite.eval.scene_search import EDITS, neighbours, search_scenes
 
 RED_CIRCLE = ObjectKey("red", "circle")
 BLUE_SQUARE = ObjectKey("blue", "square")
@@ -70,6 +70,21 @@ def _distance_score(targets):
         return [-float(distance(spec, targets[i])) for i, spec in pairs]
 
     return score, calls
+
+
+@pytest.mark.parametrize("caption", ["a red circle", "a red circle left of a blue square",
+                                     "two green triangles and a purple diamond"])
+def test_neighbour_edits_split_the_neighbours_by_kind_of_edit(caption):
+    spec = parse_caption(caption)
+    by_edit = {e: set(neighbours(spec, [e])) for e in EDITS}
+    assert set().union(*by_edit.values()) == set(neighbours(spec))
+    assert sum(map(len, by_edit.values())) == len(neighbours(spec))  # no scene is two kinds of edit
+    for scene in by_edit["kind"]:  # another colour or shape: the same counts and relation word
+        assert sorted(e.count for e in scene.objects) == sorted(e.count for e in spec.objects)
+        assert (scene.relation is None) == (spec.relation is None)
+    assert parse_caption("a blue circle") in by_edit["kind"] or spec != parse_caption("a red circle")
+    with pytest.raises(ValueError, match=r"unknown edits \['colour'\]"):
+        neighbours(spec, ["colour"])
 
 
 def test_search_climbs_to_the_best_scene_and_scores_each_scene_once():
