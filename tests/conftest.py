@@ -41,3 +41,11 @@ def tiny_checkpoint(tmp_path_factory):
                                    "callbacks.loss_curve=null", "callbacks.checkpoint.every_n_train_steps=20"])
     train(cfg)
     return root / "run" / "checkpoints" / "last.ckpt"
+
+
+@pytest.fixture(scope="session")
+def tiny_generator(tiny_checkpoint):
+    """A `Generator` on `tiny_checkpoint` (eager, CPU), shared by the generation tests."""
+    from chameleon_lite.generation.api import Generator
+
+    return Generator.load(tiny_checkpoint)

@@ -4,21 +4,16 @@ import pytest
 import torch
 
 from chameleon_lite.generation import SamplingConfig
-from chameleon_lite.generation.api import Generator
 
 pytestmark = pytest.mark.slow
 
-PROMPTS = ["a red circle", "a green square left of a blue triangle"]
+PROMPTS = ["a red circle", "two blue squares"]
 
 
-@pytest.fixture(scope="module")
-def gen(tiny_checkpoint):
-    return Generator.load(tiny_checkpoint)
-
-
-def test_each_image_is_guided_away_from_its_prompts_next_negative(gen):
+def test_each_image_is_guided_away_from_its_prompts_next_negative(tiny_generator):
     """Prompt 0's four images take its two negatives in turn; prompt 1's all take its one text. The result is
     the sampler's negative guidance on exactly those rows."""
+    gen = tiny_generator
     negative_prompts = [["a blue circle", "a red square"], "a green square"]
     codes = gen.generate_image_codes(PROMPTS, n=4, seed=3, negative_prompts=negative_prompts, negative_scale=40.0)
     per_image = ["a blue circle", "a red square"] * 2 + ["a green square"] * 4
@@ -40,11 +35,13 @@ def test_each_image_is_guided_away_from_its_prompts_next_negative(gen):
     (["a blue circle", []], r"negative_prompts\[1\]"),
     (["a blue circle", [3]], r"negative_prompts\[1\]"),
 ])
-def test_bad_negative_prompts_name_the_entry(gen, negative_prompts, match):
+def test_bad_negative_prompts_name_the_entry(tiny_generator, negative_prompts, match):
+    gen = tiny_generator
     with pytest.raises(ValueError, match=match):
         gen.generate_images(PROMPTS, negative_prompts=negative_prompts)
 
 
-def test_negative_prompts_need_classifier_free_guidance(gen):
+def test_negative_prompts_need_classifier_free_guidance(tiny_generator):
+    gen = tiny_generator
     with pytest.raises(ValueError, match="negative_scale needs cfg_scale"):
         gen.generate_images(PROMPTS, cfg_scale=None, negative_prompts=["a", "b"])

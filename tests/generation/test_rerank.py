@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from chameleon_lite.data.sequences import IGNORE_INDEX
-from chameleon_lite.generation.api import Generator
 from chameleon_lite.model import lm_loss
 
 pytestmark = pytest.mark.slow
@@ -12,9 +11,9 @@ pytestmark = pytest.mark.slow
 PROMPTS = ["a red circle", "a green square left of a blue triangle"]
 
 
-@pytest.fixture(scope="module")
-def gen(tiny_checkpoint):
-    return Generator.load(tiny_checkpoint)
+@pytest.fixture
+def gen(tiny_generator):
+    return tiny_generator
 
 
 def test_log_likelihood_is_the_training_loss_of_the_completion_and_ignores_padding(gen):
