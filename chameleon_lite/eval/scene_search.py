@@ -60,8 +60,10 @@ def neighbours(spec: SceneSpec, edits: Sequence[str] = EDITS) -> list[SceneSpec]
             out.setdefault(candidate)
 
     for i, entry in enumerate(entries):
-        kinds = [(c, entry.shape) for c in COLOURS if c != entry.colour] if "kind" in edits else []
-        kinds += [(entry.colour, s) for s in SHAPES if s != entry.shape] if "kind" in edits else []
+        kinds = []
+        if "kind" in edits:
+            kinds = [(c, entry.shape) for c in COLOURS if c != entry.colour]
+            kinds += [(entry.colour, s) for s in SHAPES if s != entry.shape]
         for colour, shape in kinds:
             new_entries = [*entries[:i], (colour, shape, entry.count), *entries[i + 1:]]
             new_rel = None
