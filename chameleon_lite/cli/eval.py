@@ -23,6 +23,7 @@ def _world(cfg: DictConfig, n: int):
 
     return ShapesWorld(seed=cfg.seed, image_size=cfg.data.image_size, split=cfg.split, length=n,
                        holdout_pairs=tuple(tuple(p) for p in cfg.data.holdout_pairs),
+                       val_holdout_pairs=tuple(tuple(p) for p in cfg.data.get("val_holdout_pairs", ())),
                        layout=cfg.data.layout)
 
 

@@ -237,7 +237,7 @@ class ChameleonDataModule(L.LightningDataModule):
         if cfg.source == "shapes":
             common = dict(cache_dir=Path(cfg.cache_dir), vq_dir=self.tokenizer_dir, image_tokenizer=tok.image,
                           seed=cfg.seed, image_size=cfg.image_size, holdout_pairs=cfg.holdout_pairs,
-                          layout=cfg.layout)
+                          layout=cfg.layout, val_holdout_pairs=cfg.get("val_holdout_pairs", ()))
             common["relation_captions"] = self.caption_target == "relation"
             return (load_or_build_shapes_cache(split="train", n=cfg.n_train,
                                                category_weights=shapes_category_weights(cfg), **common),

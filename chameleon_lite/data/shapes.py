@@ -3,8 +3,9 @@
 Small RGB canvases with 1-4 hard-edged objects (colour x shape x size x position) and a caption
 in the shapes-world grammar, drawn deterministically from (seed, split, index): any worker
 process rebuilds any sample without shared state. Categories mirror GenEval (`CATEGORIES`);
-some colour-shape pairs are held out of train and val and appear only in test, to measure
-compositional generalisation.
+some colour-shape pairs are held out of training to measure compositional generalisation: the
+test pairs appear only in test, the val pairs only in val (so model selection can see composition
+without looking at the test pairs).
 
 This module is also the one import site of the shapes world: the scene vocabulary
 (`shapes_scene`), the caption language (`shapes_captions`) and the detector (`shapes_detect`)
@@ -55,6 +56,7 @@ __all__ = [
     "CATEGORIES",
     "COLOURS",
     "DEFAULT_HOLDOUT_PAIRS",
+    "DEFAULT_VAL_HOLDOUT_PAIRS",
     "RELATIONS",
     "SHAPES",
     "SIZES",
@@ -82,6 +84,8 @@ __all__ = [
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 DEFAULT_HOLDOUT_PAIRS: tuple[tuple[str, str], ...] = (("red", "triangle"), ("blue", "diamond"))
+#: A pair held out of training and shown only in val: its colour and shape differ from the test pairs'.
+DEFAULT_VAL_HOLDOUT_PAIRS: tuple[tuple[str, str], ...] = (("green", "circle"),)
 MIN_IMAGE_SIZE = 32
 #: Position scenes are placed so the relation holds far beyond the detector's lenient check:
 #: projections on the relation axis are disjoint and that axis dominates the other 2:1.
@@ -106,7 +110,8 @@ class ShapesSample:
     caption: an English caption; `parse_caption(caption) == spec`.
     spec: the canonical content (what the caption states).
     category: one of `CATEGORIES`.
-    heldout: whether any object is a held-out colour-shape pair (only ever True in test).
+    heldout: whether any object is a colour-shape pair held out of training: a test pair in test, a
+        val pair in val (never True in train).
     objects: the drawn objects, in drawing order.
     """
 
@@ -149,8 +154,9 @@ class ShapesWorld(Dataset):
 
     Sample `index` of `split` is drawn from `numpy.random.default_rng([seed, split_id, index])`
     only, so it is identical in every process and every run; the three splits are independent
-    streams. Held-out pairs never appear in train or val; in test a `heldout_fraction` of the
-    samples (per category, where the category can include one) contain at least one held-out pair.
+    streams. `holdout_pairs` never appear in train or val, `val_holdout_pairs` never in train or test;
+    in test (val) a `heldout_fraction` of the samples (per category, where the category can include
+    one) contain at least one of the test (val) pairs.
     Everything (object sizes, margins) scales with `image_size`.
 
     `layout="unambiguous"` (default) places only position scenes with a clear relation between two
@@ -159,7 +165,8 @@ class ShapesWorld(Dataset):
     scenes look like position scenes, and no captioner can know which of the two captions is meant.
 
     Raises ValueError naming the argument for an unknown split, colour, shape or category, a
-    negative weight, or a holdout that leaves a weighted category with nothing to draw in train.
+    negative weight, a pair held out for both val and test, or a holdout that leaves a weighted
+    category with nothing to draw in train.
     """
 
     def __init__(
@@ -172,6 +179,7 @@ class ShapesWorld(Dataset):
         category_weights: Mapping[str, float] | None = None,
         heldout_fraction: float = 0.25,
         layout: str = "unambiguous",
+        val_holdout_pairs: Iterable[Sequence[str]] = DEFAULT_VAL_HOLDOUT_PAIRS,
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -186,9 +194,14 @@ class ShapesWorld(Dataset):
         self.seed, self.image_size, self.split, self.length = seed, image_size, split, length
         self.heldout_fraction, self.layout = heldout_fraction, layout
         self.holdout_pairs = frozenset(ObjectKey(*pair) for pair in holdout_pairs)
-        for colour, shape in self.holdout_pairs:
-            if colour not in COLOURS or shape not in SHAPES:
-                raise ValueError(f"holdout pair ({colour!r}, {shape!r}) is not a known colour and shape")
+        self.val_holdout_pairs = frozenset(ObjectKey(*pair) for pair in val_holdout_pairs)
+        for name, pairs in (("holdout_pairs", self.holdout_pairs), ("val_holdout_pairs", self.val_holdout_pairs)):
+            for colour, shape in pairs:
+                if colour not in COLOURS or shape not in SHAPES:
+                    raise ValueError(f"{name}: ({colour!r}, {shape!r}) is not a known colour and shape")
+        if both := self.holdout_pairs & self.val_holdout_pairs:
+            raise ValueError(f"pairs {sorted(both)} are in both holdout_pairs (test) and val_holdout_pairs: "
+                             "a pair is held out for one split")
         weights = dict.fromkeys(CATEGORIES, 1.0) if category_weights is None else dict(category_weights)
         unknown = set(weights) - set(CATEGORIES)
         if unknown or any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
@@ -200,16 +213,26 @@ class ShapesWorld(Dataset):
         total = sum(weights[c] for c in self.categories)
         self._probabilities = np.array([weights[c] / total for c in self.categories])
         self._combos: dict[str, tuple[list[tuple[ObjectKey, ...]], list[tuple[ObjectKey, ...]]]] = {}
+        # This split's own held-out pairs; the other split's pairs are never drawn here.
+        shown, hidden = {"train": (frozenset(), self.holdout_pairs | self.val_holdout_pairs),
+                         "val": (self.val_holdout_pairs, self.holdout_pairs),
+                         "test": (self.holdout_pairs, self.val_holdout_pairs)}[split]
+        self._shown_heldout = shown
         for category in self.categories:
-            combos = _category_combos(category)
-            seen = [c for c in combos if not self.holdout_pairs.intersection(c)]
-            held = [c for c in combos if self.holdout_pairs.intersection(c)]
+            combos = [c for c in _category_combos(category) if not hidden.intersection(c)]
+            seen = [c for c in combos if not (self.holdout_pairs | self.val_holdout_pairs).intersection(c)]
+            held = [c for c in combos if shown.intersection(c)]
             if not seen:
                 raise ValueError(f"holdout_pairs leave category {category!r} nothing to draw in training")
             self._combos[category] = (seen, held)
         self._split_id = SPLITS.index(split)
         self._border = max(1, round(0.05 * image_size))
         self._gap = max(2, round(0.06 * image_size))
+
+    @property
+    def has_heldout(self) -> bool:
+        """Whether this split shows held-out pairs at all (test: the test pairs; val: the val pairs)."""
+        return bool(self._shown_heldout) and self.heldout_fraction > 0
 
     def __len__(self) -> int:
         return self.length
@@ -221,7 +244,7 @@ class ShapesWorld(Dataset):
         category = self.categories[rng.choice(len(self.categories), p=self._probabilities)]
         seen, held = self._combos[category]
         pool = seen
-        if self.split == "test" and held and rng.random() < self.heldout_fraction:
+        if held and rng.random() < self.heldout_fraction:
             pool = held
         kinds = pool[rng.integers(len(pool))]
         objects, relation = self._place(category, kinds, rng)
@@ -234,7 +257,7 @@ class ShapesWorld(Dataset):
             caption=render_caption(spec, rng),
             spec=spec,
             category=category,
-            heldout=any(obj.key in self.holdout_pairs for obj in objects),
+            heldout=any(obj.key in self._shown_heldout for obj in objects),
             objects=objects,
         )
 

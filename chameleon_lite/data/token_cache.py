@@ -52,6 +52,7 @@ def cache_key(settings: dict) -> str:
 
 def load_or_build_shapes_cache(cache_dir: Path, vq_dir: Path, image_tokenizer, *, seed: int, split: str,
                                n: int, image_size: int, holdout_pairs, layout: str = "unambiguous",
+                               val_holdout_pairs=(),
                                category_weights=None, relation_captions: bool = False,
                                batch_size: int = 256) -> TokenCache:
     """Encode ``n`` shapes-world samples of ``split`` (or load them if cached with the same key).
@@ -60,12 +61,15 @@ def load_or_build_shapes_cache(cache_dir: Path, vq_dir: Path, image_tokenizer, *
     caches built without it stay valid. ``relation_captions``: also store, in ``meta[i]["relation_caption"]``,
     a caption that states where the two objects of a two-object scene are (`relation_caption`, seeded per
     image; the sample's own caption where none applies); part of the key only when True. ``layout``
-    (`ShapesWorld`) is always part of the key: caches from before it existed hold free layouts."""
+    (`ShapesWorld`) is always part of the key: caches from before it existed hold free layouts;
+    ``val_holdout_pairs`` only when non-empty (the world before them)."""
     from chameleon_lite.data.shapes import ShapesWorld, relation_caption
 
     settings = {"source": "shapes", "seed": seed, "split": split, "n": n, "image_size": image_size,
                 "holdout_pairs": [list(p) for p in holdout_pairs], "layout": layout,
                 "vq": file_digest(Path(vq_dir) / "vq.safetensors")}
+    if val_holdout_pairs:
+        settings["val_holdout_pairs"] = [list(p) for p in val_holdout_pairs]
     if category_weights is not None:
         category_weights = {str(k): float(v) for k, v in dict(category_weights).items()}
         settings["category_weights"] = dict(sorted(category_weights.items()))
@@ -79,7 +83,7 @@ def load_or_build_shapes_cache(cache_dir: Path, vq_dir: Path, image_tokenizer, *
 
     world = ShapesWorld(seed=seed, image_size=image_size, split=split, length=n,
                         holdout_pairs=tuple(tuple(p) for p in holdout_pairs), category_weights=category_weights,
-                        layout=layout)
+                        layout=layout, val_holdout_pairs=tuple(tuple(p) for p in val_holdout_pairs))
     codes, texts, metas = [], [], []
     for start in tqdm(range(0, n, batch_size), desc=f"VQ-encoding shapes {split} ({n} images)", unit="batch"):
         samples = [world[i] for i in range(start, min(n, start + batch_size))]

@@ -27,16 +27,18 @@ METRICS = ("exact", "colour", "shape", "shape_given_true_colour", "shape_given_o
 
 def single_object_samples(world: ShapesWorld, n_per_group: int, max_draws: int = 20_000) -> list:
     """Up to ``n_per_group`` seen-pair and ``n_per_group`` held-out single-object samples of ``world``'s
-    split (same seed, holdout and layout; held-out ones exist only in test), in index order."""
+    split (same seed, holdouts and layout; held-out ones exist in test and, with val pairs, in val), in
+    index order."""
     singles = ShapesWorld(seed=world.seed, image_size=world.image_size, split=world.split, length=max_draws,
                           holdout_pairs=world.holdout_pairs, category_weights={"single_object": 1},
-                          heldout_fraction=world.heldout_fraction, layout=world.layout)
+                          heldout_fraction=world.heldout_fraction, layout=world.layout,
+                          val_holdout_pairs=world.val_holdout_pairs)
     groups: dict[bool, list] = {False: [], True: []}
     for i in range(max_draws):
         sample = singles[i]
         if len(groups[sample.heldout]) < n_per_group:
             groups[sample.heldout].append(sample)
-        if all(len(g) >= n_per_group for g in groups.values()) or (world.split != "test" and
+        if all(len(g) >= n_per_group for g in groups.values()) or (not singles.has_heldout and
                                                                    len(groups[False]) >= n_per_group):
             break
     return groups[False] + groups[True]

@@ -23,7 +23,8 @@ def validation_loader(data_cfg, tok, seq_len: int, batch_size: int = 4) -> DataL
         raise ValueError(f"task=perplexity supports data.source=shapes, got {data_cfg.source!r}")
     cache = load_or_build_shapes_cache(Path(data_cfg.cache_dir), Path(tok.source), tok.image, seed=data_cfg.seed,
                                        split="val", n=data_cfg.n_val, image_size=data_cfg.image_size,
-                                       holdout_pairs=data_cfg.holdout_pairs)
+                                       holdout_pairs=data_cfg.holdout_pairs, layout=data_cfg.layout,
+                                       val_holdout_pairs=data_cfg.get("val_holdout_pairs", ()))
     builder = tok.builder(data_cfg.loss_on)
     captions = caption_targets(cache, check_caption_target(data_cfg))
     dataset = PackedDataset(lambda epoch: cache_documents(cache, builder, data_cfg.tasks, data_cfg.seed, epoch,

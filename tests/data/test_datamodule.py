@@ -98,6 +98,25 @@ def test_canonical_target_needs_shapes_captions(tmp_path):
         ChameleonDataModule(cfg.data, cfg.tokenizer.dir)
 
 
+def test_val_pairs_reach_the_val_cache_only(tiny_train_cfg):
+    """data.val_holdout_pairs (part of the cache key): the val cache shows the val pair, flagged held-out
+    in its meta, the train cache never does; [] gives the world without val pairs."""
+    caches = {}
+    for pairs in ("[[green,circle]]", "[]"):
+        cfg = tiny_train_cfg("data.n_train=200", "data.n_val=64", f"data.val_holdout_pairs={pairs}")
+        dm = ChameleonDataModule(cfg.data, cfg.tokenizer.dir)
+        caches[pairs] = dm._caches(dm._load_tokenizer())
+        world = ShapesWorld(seed=cfg.data.seed, image_size=cfg.data.image_size, split="val", length=64,
+                            holdout_pairs=tuple(tuple(p) for p in cfg.data.holdout_pairs),
+                            val_holdout_pairs=tuple(tuple(p) for p in cfg.data.val_holdout_pairs))
+        assert caches[pairs][1].texts == [world[i].caption for i in range(64)]
+    (train, val), (bare_train, bare_val) = caches["[[green,circle]]"], caches["[]"]
+    assert not any("green circle" in t for t in train.texts) and any("green circle" in t for t in bare_train.texts)
+    flagged = [m["heldout"] for m in val.meta]
+    assert 0 < sum(flagged) < len(flagged) and not any(m["heldout"] for m in bare_val.meta)
+    assert all(("green circle" in t) == f for t, f in zip(val.texts, flagged) if "green circles" not in t)
+
+
 def test_category_weights_shape_the_training_cache_only(tiny_train_cfg):
     cfg = tiny_train_cfg("data.n_train=96", "data.n_val=24", "data.category_weights={position: 6, counting: 0}")
     dm = ChameleonDataModule(cfg.data, cfg.tokenizer.dir)

@@ -17,6 +17,7 @@ from chameleon_lite.data.shapes import (
     CATEGORIES,
     COLOURS,
     DEFAULT_HOLDOUT_PAIRS,
+    DEFAULT_VAL_HOLDOUT_PAIRS,
     SHAPES,
     SPLITS,
     CaptionParseError,
@@ -41,6 +42,7 @@ from chameleon_lite.data.shapes_scene import SHAPE_PLURALS, object_size_px, plac
 FRESH_SEED = random.SystemRandom().randrange(2**31)
 N_ACCEPTANCE = 2000
 HOLDOUT = {ObjectKey(*pair) for pair in DEFAULT_HOLDOUT_PAIRS}
+VAL_HOLDOUT = {ObjectKey(*pair) for pair in DEFAULT_VAL_HOLDOUT_PAIRS}
 
 
 @pytest.fixture(scope="module")
@@ -100,23 +102,31 @@ def test_sample_contract(samples):
 # --- held-out pairs ----------------------------------------------------------------------------
 
 
-def test_heldout_pairs_never_in_train_or_val_and_about_a_quarter_of_test(samples):
-    for split in ("train", "val"):
-        seen = {o.key for s in samples[split] for o in s.objects}
-        assert not seen & HOLDOUT, f"seed {FRESH_SEED}: {split} contains {seen & HOLDOUT}"
-        assert not any(s.heldout for s in samples[split])
-    test = samples["test"]
-    assert all(s.heldout == any(o.key in HOLDOUT for o in s.objects) for s in test)
-    rate = sum(s.heldout for s in test) / len(test)
-    print(f"held-out rate in test: {rate:.3f} (seed {FRESH_SEED})")
-    assert 0.2 <= rate <= 0.3
-    assert {k for s in test for k in (o.key for o in s.objects)} >= HOLDOUT
+def test_heldout_pairs_never_in_train_and_about_a_quarter_of_their_split(samples):
+    """Test pairs appear only in test, val pairs only in val; each in about a quarter of its split."""
+    assert HOLDOUT and VAL_HOLDOUT and not HOLDOUT & VAL_HOLDOUT
+    train_keys = {o.key for s in samples["train"] for o in s.objects}
+    assert not train_keys & (HOLDOUT | VAL_HOLDOUT), f"seed {FRESH_SEED}: train contains {train_keys & (HOLDOUT | VAL_HOLDOUT)}"
+    assert not any(s.heldout for s in samples["train"])
+    for split, own, other in (("val", VAL_HOLDOUT, HOLDOUT), ("test", HOLDOUT, VAL_HOLDOUT)):
+        drawn = samples[split]
+        keys = {o.key for s in drawn for o in s.objects}
+        assert not keys & other, f"seed {FRESH_SEED}: {split} contains the other split's pairs {keys & other}"
+        assert keys >= own
+        assert all(s.heldout == any(o.key in own for o in s.objects) for s in drawn)
+        rate = sum(s.heldout for s in drawn) / len(drawn)
+        print(f"held-out rate in {split}: {rate:.3f} (seed {FRESH_SEED})")
+        assert 0.18 <= rate <= 0.32, f"seed {FRESH_SEED}: {split} held-out rate {rate:.3f}"
 
 
 def test_holdout_is_configurable():
     assert not any(ShapesWorld(split="test", holdout_pairs=())[i].heldout for i in range(200))
-    custom = ShapesWorld(split="train", holdout_pairs=[("green", "circle")])
-    assert all(o.key != ("green", "circle") for i in range(500) for o in custom[i].objects)
+    custom = ShapesWorld(split="train", holdout_pairs=[("green", "circle")], val_holdout_pairs=[("red", "square")])
+    assert all(o.key not in {("green", "circle"), ("red", "square")} for i in range(500) for o in custom[i].objects)
+    # without val pairs, val is drawn from the training pairs only, as before they existed
+    bare = ShapesWorld(split="val", val_holdout_pairs=())
+    assert not bare.has_heldout and not any(bare[i].heldout for i in range(200))
+    assert any(o.key == ("green", "circle") for i in range(200) for o in bare[i].objects)
 
 
 # --- scene structure ---------------------------------------------------------------------------
@@ -231,12 +241,14 @@ def test_everything_scales_with_image_size(image_size):
     [
         ({"split": "dev"}, "split"),
         ({"holdout_pairs": [("pink", "circle")]}, "pink"),
+        ({"val_holdout_pairs": [("red", "hexagon")]}, "val_holdout_pairs.*hexagon"),
+        ({"val_holdout_pairs": [("red", "triangle")]}, "both holdout_pairs"),
         ({"category_weights": {"counting": -1.0}}, "category_weights"),
         ({"category_weights": {"stacking": 1.0}}, "category_weights"),
         ({"image_size": 16}, "image_size"),
         ({"heldout_fraction": 1.5}, "heldout_fraction"),
         ({"layout": "grid"}, "layout"),
-        ({"holdout_pairs": [(c, s) for c in COLOURS for s in SHAPES]}, "nothing to draw"),
+        ({"holdout_pairs": [(c, s) for c in COLOURS for s in SHAPES], "val_holdout_pairs": ()}, "nothing to draw"),
     ],
 )
 def test_bad_arguments_are_clear_errors(kwargs, message):

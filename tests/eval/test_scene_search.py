@@ -207,6 +207,10 @@ def test_composition_probe_separates_a_text_prior_from_reading_the_image():
     assert summary["seen"]["caption"]["exact"] == 1.0
     assert all(r["image"]["reading"] == r["truth"] for r in records)
     assert len(probe_rows(summary)) == 4
-    # val has no held-out pairs: that group is empty, not an error
-    val, _, _ = run_composition_probe(_PriorBoundCaptioner(), ShapesWorld(seed=0, split="val"), 2)
-    assert val["heldout"]["n"] == 0 and val["heldout"]["image"]["exact"] is None
+    # val shows its own pair (green circle), which the prior does not know: both directions read it
+    val, val_records, _ = run_composition_probe(_PriorBoundCaptioner(), ShapesWorld(seed=0, split="val"), 2)
+    assert val["heldout"]["n"] == 2 and val["heldout"]["caption"]["exact"] == 1.0
+    assert {r["truth"] for r in val_records[2:]} == {"green circle"}
+    # a world without val pairs: that group is empty, not an error
+    bare, _, _ = run_composition_probe(_PriorBoundCaptioner(), ShapesWorld(seed=0, split="val", val_holdout_pairs=()), 2)
+    assert bare["heldout"]["n"] == 0 and bare["heldout"]["image"]["exact"] is None
