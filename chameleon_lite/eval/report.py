@@ -28,8 +28,14 @@ def write_report(out_dir: Path, task: str, result: dict[str, Any], table: str) -
 
 
 def category_rows(summary: dict[str, Any], metric_keys: list[str]) -> list[dict[str, Any]]:
-    """Turn ``{"per_category": {cat: {...}}, "overall": {...}}`` into table rows."""
-    rows = [{"category": cat, **{k: v.get(k, "") for k in ["n", *metric_keys]}}
-            for cat, v in summary["per_category"].items()]
-    rows.append({"category": "**overall**", **{k: summary["overall"].get(k, "") for k in ["n", *metric_keys]}})
+    """Turn ``{"per_category": {cat: {...}}, "overall": {...}}`` into table rows; where the summary splits
+    its records into "seen" and "heldout" (colour-shape pairs held out of training) and some are held out,
+    two more rows say how each group scored."""
+    def row(name: str, values: dict[str, Any]) -> dict[str, Any]:
+        return {"category": name, **{k: values.get(k, "") for k in ["n", *metric_keys]}}
+
+    rows = [row(cat, v) for cat, v in summary["per_category"].items()]
+    rows.append(row("**overall**", summary["overall"]))
+    if summary.get("heldout", {}).get("n"):
+        rows += [row("seen pairs", summary["seen"]), row("held-out pairs", summary["heldout"])]
     return rows

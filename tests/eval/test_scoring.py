@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from chameleon_lite.data.shapes import COLOURS, Relation, SceneSpec, ShapesSample, ShapesWorld, render_caption
+from chameleon_lite.eval.report import category_rows
 from chameleon_lite.eval.scoring import aggregate, score_caption, score_generated_image
 
 FRESH_SEED = random.SystemRandom().randrange(2**31)
@@ -161,6 +162,12 @@ def test_aggregate_weighs_categories_equally_and_splits_heldout():
     }  # not 9/11: categories count equally
     assert summary["heldout"] == {"n": 1, "accuracy": 0.0}
     assert summary["seen"] == {"n": 10, "accuracy": 0.5}  # counting 9/9, position 0/1
+    rows_of_table = category_rows(summary, ["accuracy"])
+    assert [r["category"] for r in rows_of_table] == ["counting", "position", "**overall**", "seen pairs",
+                                                      "held-out pairs"]
+    assert rows_of_table[-1] == {"category": "held-out pairs", "n": 1, "accuracy": 0.0}
+    no_heldout = aggregate(rows[:9])
+    assert [r["category"] for r in category_rows(no_heldout, ["accuracy"])] == ["counting", "**overall**"]
     partial = aggregate([{"kind": "a", "relation": True}, {"kind": "b", "relation": None}], key="kind")
     assert partial["per_kind"] == {"a": {"n": 1, "relation": 1.0}, "b": {"n": 1}}
     assert partial["overall"] == {"n": 2, "relation": 1.0} and partial["heldout"] == {"n": 0}
