@@ -47,6 +47,8 @@ def export_weights(module, out_dir: Path, tokenizer_dir: str | os.PathLike) -> P
         save_file(state, str(tmp))
     meta = {"model": asdict(module.model_config), "vocab": module.vocab.to_dict(),
             "tokenizer_dir": str(Path(tokenizer_dir).resolve())}
+    if module.hparams.get("training_data"):
+        meta["training_data"] = dict(module.hparams["training_data"])
     atomic_write_text(out_dir / "config.json", json.dumps(meta, indent=2) + "\n")
     return out_dir
 
@@ -68,7 +70,8 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
         try:
             hp = ckpt["hyper_parameters"]
             meta = {"model": dict(hp["model"]), "vocab": dict(ckpt.get("vocab") or hp["vocab"]),
-                    "tokenizer_dir": ckpt.get("tokenizer_dir"), "global_step": ckpt.get("global_step")}
+                    "tokenizer_dir": ckpt.get("tokenizer_dir"), "global_step": ckpt.get("global_step"),
+                    "training_data": hp.get("training_data")}
             state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
         except (KeyError, TypeError) as err:
             raise CheckpointError(f"{path}: not a chameleon-lite training checkpoint (missing {err})") from None

@@ -1,6 +1,7 @@
 """train (fixture) -> generate -> evaluate -> notebook, on a tiny checkpoint, through the real CLIs' functions."""
 
 import json
+import logging
 import os
 
 import pytest
@@ -66,6 +67,24 @@ def test_eval_tasks_write_json_markdown_grid(tiny_checkpoint, tmp_path, task):
         assert 0.0 <= res["summary"]["overall"]["accuracy" if task == "geneval" else "exact"] <= 1.0
     else:
         assert res["summary"]["image"]["perplexity"] > 1.0
+
+
+def test_eval_warns_when_the_model_was_trained_on_another_world(tiny_checkpoint, tmp_path, caplog):
+    """The checkpoint and the exported model record the training world; an eval that draws another one
+    (here: no val pair, so green circles would count as seen) says so and names the override to match."""
+    trained = Generator.load(tiny_checkpoint).meta["training_data"]
+    assert trained["source"] == "shapes" and trained["val_holdout_pairs"] == [["green", "circle"]]
+    exported = tiny_checkpoint.parent.parent / "model" / "config.json"
+    assert json.loads(exported.read_text())["training_data"] == trained
+    for overrides, warned in ((["data.val_holdout_pairs=[]"], True), ([], False)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="chameleon_lite.cli.eval"):
+            evaluate(compose_config("eval", ["task=composition", "n_probe=1", f"ckpt={tiny_checkpoint}",
+                                             f"out_dir={tmp_path / str(warned)}", *overrides]))
+        messages = [r.getMessage() for r in caplog.records if "trained on a shapes world" in r.getMessage()]
+        assert len(messages) == int(warned)
+        if warned:
+            assert "pass data.val_holdout_pairs=[[green,circle]]" in messages[0]
 
 
 @pytest.mark.parametrize("override", ["caption scene_search.rounds=-1", "caption scene_search.caption_weight=-0.5",

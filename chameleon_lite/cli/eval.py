@@ -27,6 +27,36 @@ def _world(cfg: DictConfig, n: int):
                        layout=cfg.data.layout)
 
 
+def _check_world(cfg: DictConfig, gen) -> None:
+    """Warn when the model was trained on a shapes world whose held-out pairs or layout differ from the
+    one this evaluation draws (its held-out / seen split would then not mean 'never seen in training')."""
+    trained = (getattr(gen, "meta", None) or {}).get("training_data") or {}
+    if trained.get("source") != "shapes":
+        return
+    here = OmegaConf.to_container(cfg.data, resolve=True)
+    differ = [k for k in ("holdout_pairs", "val_holdout_pairs", "layout", "image_size") if k in trained and _canonical(trained[k]) != _canonical(here.get(k, []))]
+    if differ:
+        log.warning("%s was trained on a shapes world with %s; this evaluation uses %s. Its held-out / seen "
+                    "split is then not what the model never / did see: pass %s to evaluate on its world "
+                    "(or keep this, e.g. to score a model trained on every pair against the usual held-out pairs)",
+                    cfg.ckpt, ", ".join(f"data.{k}={trained[k]}" for k in differ),
+                    ", ".join(f"data.{k}={here.get(k)}" for k in differ),
+                    " ".join(f"data.{k}={_override(trained[k])}" for k in differ))
+
+
+def _canonical(value):
+    """Pairs as a set of tuples (their order means nothing); other values as they are."""
+    if isinstance(value, (list, tuple)) and all(isinstance(v, (list, tuple)) for v in value):
+        return frozenset(tuple(v) for v in value)
+    return value
+
+
+def _override(value) -> str:
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_override(v) for v in value) + "]"
+    return str(value)
+
+
 def _generator(cfg: DictConfig):
     from chameleon_lite.generation.api import Generator
 
@@ -53,6 +83,7 @@ def evaluate(cfg: DictConfig) -> dict:
         result = run_vq_eval(cfg)
         return {**result, "table": result.get("table", "")}
     gen = _generator(cfg)
+    _check_world(cfg, gen)
     if cfg.task == "geneval":
         from chameleon_lite.eval.geneval import run_geneval
         from chameleon_lite.eval.scene_search import EDITS

@@ -9,7 +9,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from chameleon_lite.checkpoint import export_weights
 from chameleon_lite.config import ConfigError, hydra_app, require, resolve_path
-from chameleon_lite.data.datamodule import ChameleonDataModule
+from chameleon_lite.data.datamodule import ChameleonDataModule, training_data_record
 from chameleon_lite.model import ModelConfig
 from chameleon_lite.multimodal_tokenizer import MultimodalTokenizer
 from chameleon_lite.train.module import ChameleonLightningModule
@@ -51,7 +51,8 @@ def train(cfg: DictConfig) -> dict:
     max_steps = require(cfg, "trainer.max_steps", lambda v: isinstance(v, int) and v > 0, "a positive int")
     module = ChameleonLightningModule(model=model_cfg.__dict__, optim=OmegaConf.to_container(cfg.optim, resolve=True),
                                       vocab=vocab.to_dict(), total_steps=max_steps,
-                                      tokenizer_dir=str(resolve_path(cfg.tokenizer.dir)), compile=cfg.compile)
+                                      tokenizer_dir=str(resolve_path(cfg.tokenizer.dir)), compile=cfg.compile,
+                                      training_data=training_data_record(cfg.data))
     log.info("model: %.2fM parameters (%.2fM without embeddings)", module.model.num_params() / 1e6,
              module.model.num_params(exclude_embeddings=True) / 1e6)
     trainer.fit(module, datamodule=dm, ckpt_path=resolve_ckpt_path(cfg.ckpt_path, run_dir))

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import lightning as L
 import numpy as np
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from chameleon_lite.config import ConfigError
 from chameleon_lite.data.jsonl import JsonlCache, check_jsonl_config, load_or_build_jsonl_cache
@@ -54,6 +54,21 @@ def shapes_category_weights(data: DictConfig) -> dict[str, float] | None:
     if unknown:
         raise ConfigError(f"data.category_weights names unknown categories {unknown}: use some of {list(CATEGORIES)}")
     return {c: float(given.get(c, 1.0)) for c in CATEGORIES}
+
+
+#: The settings that define which shapes-world scenes a model was trained on and which are held out.
+WORLD_KEYS = ("seed", "image_size", "holdout_pairs", "val_holdout_pairs", "layout")
+
+
+def training_data_record(data: DictConfig) -> dict:
+    """What a checkpoint records about its training data: the source and, for the shapes world, the
+    settings that decide which colour-shape pairs it never saw (`WORLD_KEYS`), so evaluation can warn
+    when it scores the model against another world."""
+    record = {"source": str(data.source)}
+    if data.source == "shapes":
+        plain = OmegaConf.to_container(data, resolve=True)
+        record |= {k: plain.get(k, []) for k in WORLD_KEYS}
+    return record
 
 
 def check_caption_target(data: DictConfig) -> str:

@@ -63,6 +63,7 @@ class Generator:
         self.tok = tokenizer
         self.vocab = tokenizer.vocab
         self.builder = tokenizer.builder()
+        self.meta: dict = {}  # what `load` read beside the weights (e.g. "training_data")
         self.sampler = Sampler(apply_quantize(self.model, quantize), tokenizer.vocab, tokenizer.tokens_per_image,
                                compile=compile)
 
@@ -77,7 +78,9 @@ class Generator:
             raise ValueError(f"{ckpt} does not record its tokenizer directory; pass tokenizer_dir=...")
         tok = MultimodalTokenizer.from_dir(Path(tok_dir), device=device)
         vocab.check_compatible(tok.vocab, f"checkpoint {ckpt}", f"tokenizers {tok_dir}")
-        return cls(model, tok, quantize=quantize, compile=compile)
+        gen = cls(model, tok, quantize=quantize, compile=compile)
+        gen.meta = meta
+        return gen
 
     # ------------------------------------------------------------------ tasks
     def generate_images(self, prompts: Sequence[str], n: int = 1, cfg_scale: float | None = 2.0,

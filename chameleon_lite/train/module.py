@@ -37,13 +37,15 @@ def lr_lambda(step: int, warmup: int, total: int, schedule: str, min_ratio: floa
 
 class ChameleonLightningModule(L.LightningModule):
     def __init__(self, model: dict, optim: dict, vocab: dict, total_steps: int, tokenizer_dir: str | None = None,
-                 compile: bool = False):
+                 compile: bool = False, training_data: dict | None = None):
         """All arguments are plain dicts so that ``save_hyperparameters`` makes checkpoints self-describing.
 
         model: ModelConfig fields (vocab_size filled); optim: conf/optim fields; vocab:
         ``UnifiedVocab.to_dict()``; total_steps: optimiser steps of the run (for the schedule);
         tokenizer_dir: where the tokenizers live (recorded so sampling finds them again);
-        compile: compile each decoder block with ``torch.compile`` (`configure_model`).
+        compile: compile each decoder block with ``torch.compile`` (`configure_model`);
+        training_data: `training_data_record` of the data config (kept in the checkpoint and the exported
+        model, so evaluation can tell when it scores against another shapes world).
         """
         super().__init__()
         self.save_hyperparameters()
