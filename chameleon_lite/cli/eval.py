@@ -30,7 +30,7 @@ def _world(cfg: DictConfig, n: int):
 def _check_world(cfg: DictConfig, gen) -> None:
     """Warn when the model was trained on a shapes world whose held-out pairs or layout differ from the
     one this evaluation draws (its held-out / seen split would then not mean 'never seen in training')."""
-    trained = (getattr(gen, "meta", None) or {}).get("training_data") or {}
+    trained = gen.meta.get("training_data") or {}
     if trained.get("source") != "shapes":
         return
     here = OmegaConf.to_container(cfg.data, resolve=True)

@@ -220,7 +220,7 @@ class ShapesWorld(Dataset):
         self._shown_heldout = shown
         for category in self.categories:
             combos = [c for c in _category_combos(category) if not hidden.intersection(c)]
-            seen = [c for c in combos if not (self.holdout_pairs | self.val_holdout_pairs).intersection(c)]
+            seen = [c for c in combos if not shown.intersection(c)]
             held = [c for c in combos if shown.intersection(c)]
             if not seen:
                 raise ValueError(f"holdout_pairs leave category {category!r} nothing to draw in training")
