@@ -47,8 +47,9 @@ def export_weights(module, out_dir: Path, tokenizer_dir: str | os.PathLike) -> P
         save_file(state, str(tmp))
     meta = {"model": asdict(module.model_config), "vocab": module.vocab.to_dict(),
             "tokenizer_dir": str(Path(tokenizer_dir).resolve())}
-    if module.hparams.get("training_data"):
-        meta["training_data"] = dict(module.hparams["training_data"])
+    training_data = (getattr(module, "hparams", None) or {}).get("training_data")
+    if training_data:
+        meta["training_data"] = dict(training_data)
     atomic_write_text(out_dir / "config.json", json.dumps(meta, indent=2) + "\n")
     return out_dir
 

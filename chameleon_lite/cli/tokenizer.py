@@ -13,10 +13,11 @@ from chameleon_lite.vocab import UnifiedVocab
 log = logging.getLogger(__name__)
 
 
-def shapes_captions(seed: int, n: int, layout: str = "unambiguous") -> list[str]:
+def shapes_captions(seed: int, n: int, layout: str = "unambiguous", val_holdout_pairs=()) -> list[str]:
     from chameleon_lite.data.shapes import ShapesWorld
 
-    world = ShapesWorld(seed=seed, split="train", length=n, layout=layout)
+    world = ShapesWorld(seed=seed, split="train", length=n, layout=layout,
+                        val_holdout_pairs=tuple(tuple(p) for p in val_holdout_pairs))
     return [world[i].caption for i in range(n)]
 
 
@@ -35,7 +36,8 @@ def build_tokenizer(cfg: DictConfig) -> UnifiedVocab:
         corpus = iter_text_files(resolve_path(p) for p in tok.text_files)
     else:
         n = require(cfg, "tokenizer.shapes.n_captions", lambda v: isinstance(v, int) and v > 0, "a positive int")
-        corpus = shapes_captions(tok.shapes.seed, n, tok.shapes.get("layout", "unambiguous"))
+        corpus = shapes_captions(tok.shapes.seed, n, tok.shapes.get("layout", "unambiguous"),
+                                 tok.shapes.get("val_holdout_pairs", []))
     out_dir = resolve_path(tok.dir)
     text = train_text_tokenizer(corpus, out_dir / "text.model", vocab_size=vocab_size)
     vocab = UnifiedVocab(n_text=text.vocab_size, n_image=n_image, n_reserved=tok.n_reserved)
