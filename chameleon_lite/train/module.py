@@ -57,6 +57,8 @@ class ChameleonLightningModule(L.LightningModule):
         self.model = ChameleonLM(self.model_config)
         self.z_loss_coef = float(optim["z_loss"])
         self.tokenizer_dir = tokenizer_dir
+        self._loss_ref: float | None = None  # labels per micro-batch of the first step (`on_before_optimizer_step`)
+        self._step_tokens: Tensor | None = None  # loss tokens of this rank's micro-batches since the last step
         self.register_buffer("_image_ids", self.vocab.image_mask(), persistent=False)
 
     def configure_model(self) -> None:
@@ -101,21 +103,39 @@ class ChameleonLightningModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Any]:
         out = self._shared_step(batch, "train")
-        if self.trainer.world_size > 1:
-            out["loss"] = self._global_token_share(out["loss"], out["n_tokens"])
+        accumulate = self.trainer.accumulate_grad_batches
+        if self.trainer.world_size > 1 or accumulate > 1:
+            n_tokens = out["n_tokens"].detach()
+            if self._loss_ref is None:
+                self._loss_ref = float(batch["labels"].numel())
+            self._step_tokens = n_tokens if self._step_tokens is None else self._step_tokens + n_tokens
+            out["loss"] = out["loss"] * (n_tokens * accumulate / self._loss_ref)
         return out
 
-    def _global_token_share(self, loss: Tensor, n_tokens: Tensor) -> Tensor:
-        """This rank's mean ``loss`` over its ``n_tokens`` loss tokens, rescaled by world * n_tokens / n_global.
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        """Turn the summed gradients into those of the mean over every loss token of the optimizer step.
 
-        DDP averages gradients over ranks, which weights every rank's mean equally however many loss
-        tokens it holds; packed rows (and ``loss_on=completion``) give ranks different counts, and
-        the update would then differ from one process over the same rows. After the rescale the
-        averaged gradient is that of the mean over all loss tokens of the global batch. The logged
-        ``train/*`` values stay this rank's own means.
+        A micro-batch's loss is the mean over its own loss tokens; Lightning averages micro-batches of
+        an accumulation window with equal weights and DDP averages ranks with equal weights, however many
+        loss tokens each holds (packed rows and ``loss_on`` give them different counts), so the update would
+        differ from one process taking the same rows in one batch. `training_step` therefore backpropagates
+        each micro-batch's loss *sum* (over a fixed reference count, to keep magnitudes near 1), and here,
+        once the window is complete and DDP has averaged, the gradients are divided by the step's global
+        token count: one all-reduce per optimizer step. Runs on the module hook, after callbacks (the
+        non-finite guard) and before gradient clipping, so clipping sees the true gradient. One process
+        without accumulation is left exactly as it was. The logged ``train/*`` values stay micro-batch means.
         """
-        n_global = self.trainer.strategy.reduce(n_tokens.detach().clone().float(), reduce_op="sum")
-        return loss * (n_tokens * self.trainer.world_size / n_global)
+        if self._step_tokens is None:
+            return
+        n_tokens, self._step_tokens = self._step_tokens.float(), None
+        if self.trainer.world_size > 1:
+            n_tokens = self.trainer.strategy.reduce(n_tokens, reduce_op="sum")
+        if not bool(n_tokens > 0):
+            return  # no loss tokens anywhere: every gradient is already zero
+        factor = self._loss_ref * self.trainer.world_size / n_tokens
+        for p in self.parameters():
+            if p.grad is not None:
+                p.grad.mul_(factor.to(p.grad.dtype))
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         self._shared_step(batch, "val")

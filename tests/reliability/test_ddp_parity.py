@@ -1,10 +1,14 @@
-"""2-process CPU DDP (gloo) and one process with the same global batch reach the same weights.
+"""Splitting a step's rows over processes or micro-batches does not change the update.
+
+2-process CPU DDP (gloo), and gradient accumulation, reach the weights of one process taking the
+same rows in one batch.
 
 DDP shards packed rows by rank (row r -> rank r % 2) and each rank takes 2 rows per step, so
 step s of the DDP run covers rows 4s..4s+3, exactly the rows of step s of the 1-process run with
 batch 4. ``loss_on=completion`` gives the rows different numbers of loss tokens, so the ranks hold
-different counts: averaging per-rank means would drift by ~1e-2 in 3 steps; the module weights
-each rank by its share of the global token count instead. The DDP job is started through the CLI,
+different counts: averaging per-rank (or per-micro-batch) means would drift by ~1e-2 in 3 steps;
+the module divides the summed gradients by the step's global token count instead
+(`ChameleonLightningModule.on_before_optimizer_step`). The DDP job is started through the CLI,
 as a user would: Lightning's ``ddp`` strategy relaunches the script for rank 1.
 """
 
@@ -39,3 +43,22 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path
     for name in one:
         diff = (one[name] - two[name]).abs().max().item()
         assert diff <= 1e-5, f"{name}: max |1 process - DDP| = {diff:.3g}"
+
+
+def _weights_after(run_dir, basetemp, *extra):
+    common = [f"trainer.max_steps={STEPS}", "export_weights=true", "callbacks.checkpoint=null",
+              "data.loss_on=completion"]
+    with torch_threads(1):
+        result = train(compose_config("train", train_overrides(basetemp, run_dir, *common, *extra)))
+    assert result["global_step"] == STEPS
+    return load_file(f"{result['weights']}/model.safetensors")
+
+
+def test_gradient_accumulation_matches_one_batch_of_the_same_rows(tmp_path, tmp_path_factory):
+    """2 micro-batches of 2 rows == 1 batch of 4 rows: the rows hold different numbers of loss tokens
+    (``loss_on=completion``), so Lightning's equal-weight average of micro-batch means would not match."""
+    basetemp = tmp_path_factory.getbasetemp()
+    one = _weights_after(tmp_path / "one", basetemp, "data.batch_size=4")
+    acc = _weights_after(tmp_path / "acc", basetemp, "data.batch_size=2", "trainer.accumulate_grad_batches=2")
+    worst = max((one[name] - acc[name]).abs().max().item() for name in one)
+    assert worst <= 1e-5, f"max |batch 4 - 2 x 2 accumulated| = {worst:.3g}"
