@@ -8,15 +8,11 @@ import torch
 pytest.importorskip("transformers")
 from transformers import ChameleonConfig
 
-from chameleon_lite.interop.hf import (
-    HFInteropError,
-    export_hf,
-    from_hf,
+from chameleon_lite.interop.hf import HFInteropError, export_hf, from_hf, import_hf, to_hf
+from chameleon_lite.interop.hf_config import (
     hf_config_from_model,
     image_token_name,
-    import_hf,
     model_config_from_hf,
-    to_hf,
     vocab_from_hf,
 )
 from chameleon_lite.model import ChameleonLM, ModelConfig

@@ -10,7 +10,8 @@ pytest.importorskip("transformers")
 from transformers import ChameleonConfig, ChameleonForConditionalGeneration
 
 from chameleon_lite.generation.sampler import Sampler, SamplingConfig
-from chameleon_lite.interop.hf import export_hf, from_hf, image_token_name, import_hf, to_hf
+from chameleon_lite.interop.hf import export_hf, from_hf, import_hf, to_hf
+from chameleon_lite.interop.hf_config import image_token_name
 from chameleon_lite.model import ChameleonLM, ModelConfig
 from chameleon_lite.vocab import BASE_SPECIALS, UnifiedVocab
 from chameleon_lite.vq.config import VQConfig
