@@ -16,6 +16,16 @@ from chameleon_lite.eval.report import category_rows, markdown_table, write_repo
 
 log = logging.getLogger(__name__)
 TASKS = ("geneval", "caption", "perplexity", "composition", "vq")
+#: The options each task's result depends on (besides ckpt, split and data.*), recorded in its JSON so that
+#: results can be compared only with results of the same protocol (`chameleon_lite.cli.compare_evals`).
+SETTINGS = {
+    "geneval": ("n_prompts", "images_per_prompt", "cfg_scale", "image_temperature", "image_top_k",
+                "image_candidates", "image_negative_scale", "image_negative_edits", "seed", "quantize"),
+    "caption": ("n_images", "caption_temperature", "caption_cfg_scale", "caption_candidates",
+                "caption_candidate_temperature", "scene_search", "seed", "quantize"),
+    "composition": ("n_probe", "seed"),
+    "perplexity": ("max_batches",),
+}
 
 
 def _world(cfg: DictConfig, n: int):
@@ -128,7 +138,10 @@ def evaluate(cfg: DictConfig) -> dict:
         summary = evaluate_perplexity(gen.model, gen.vocab, loader, cfg.max_batches)
         records, examples = [], []
         table = markdown_table([{"target": k, **v} for k, v in summary.items()], ["target", "perplexity", "ce", "tokens"])
-    result = {"task": cfg.task, "ckpt": str(cfg.ckpt), "summary": summary, "records": records}
+    settings = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
+                for k in SETTINGS[cfg.task]}
+    result = {"task": cfg.task, "ckpt": str(cfg.ckpt), "split": cfg.split, "settings": settings,
+              "data": OmegaConf.to_container(cfg.data, resolve=True), "summary": summary, "records": records}
     if examples:
         result["grid"] = _grid(examples, out_dir / f"{cfg.task}_examples.png", cfg.grid_examples)
     result["files"] = write_report(out_dir, cfg.task, result, table)

@@ -1,0 +1,113 @@
+"""Compare `chameleon-eval` results over runs: mean, min and max of each group (e.g. seeds of one setting).
+
+    python -m chameleon_lite.cli.compare_evals -g loss_on=all 'runs/r21_*/eval/cap_val' \\
+        -g loss_on=no_prompt_text 'runs/r22_*/eval/cap_val' 'runs/r23_*/eval/cap_val' [--per-category]
+
+Each ``-g LABEL PATTERN...`` is one group: globs of result files (``caption.json``, ``geneval.json``) or
+of the eval directories holding one (a label given twice adds to its group). Prints a Markdown table
+with one row per group: the number of runs and the headline metric (GenEval accuracy, caption exact
+match) overall, on seen and on held-out colour-shape pairs, as mean (min-max). A group must hold one
+task on one split under one protocol (the ``settings`` and ``data`` recorded in each JSON): otherwise
+the error names the files that differ, since their figures would not be comparable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+#: task -> (metric in the summary, its name in the table)
+METRICS = {"geneval": ("accuracy", "GenEval accuracy"), "caption": ("exact", "caption exact match")}
+
+
+def _result_files(pattern: str) -> list[Path]:
+    files = []
+    for hit in sorted(glob.glob(pattern)):
+        path = Path(hit)
+        if path.is_dir():
+            found = [path / f"{task}.json" for task in METRICS if (path / f"{task}.json").is_file()]
+            if len(found) != 1:
+                raise SystemExit(f"{path}: expected one of {', '.join(f'{t}.json' for t in METRICS)} in the "
+                                 f"directory, found {len(found)}")
+            path = found[0]
+        files.append(path)
+    if not files:
+        raise SystemExit(f"{pattern!r} matches no eval result: give a glob of caption.json / geneval.json "
+                         "files or of the eval directories holding them")
+    return files
+
+
+def load_groups(specs: list[list[str]]) -> dict[str, list[tuple[Path, dict[str, Any]]]]:
+    """``[LABEL, PATTERN, ...]`` lists -> label -> [(file, result JSON)], in the order the labels first appear."""
+    groups: dict[str, list[tuple[Path, dict[str, Any]]]] = {}
+    for label, *patterns in specs:
+        if not patterns:
+            raise SystemExit(f"-g {label}: give the group's label, then its patterns, e.g. "
+                             "-g seeds 'runs/r2*/eval/cap_val'")
+        for pattern in patterns:
+            for path in _result_files(pattern):
+                groups.setdefault(label, []).append((path, json.loads(path.read_text())))
+    return groups
+
+
+def _protocol(result: dict[str, Any]) -> dict[str, Any]:
+    """What must agree within a group; keys absent from older results are left out of the comparison."""
+    return {k: result[k] for k in ("task", "split", "settings", "data") if k in result}
+
+
+def summarise(label: str, runs: list[tuple[Path, dict[str, Any]]], per_category: bool = False) -> dict[str, Any]:
+    """One table row: mean (min-max) of the task's metric, overall / seen / held-out (and per category)."""
+    first_path, first = runs[0]
+    reference = _protocol(first)
+    for path, result in runs[1:]:
+        here = _protocol(result)
+        differ = sorted(k for k in reference.keys() & here.keys() if reference[k] != here[k])
+        if differ:
+            raise SystemExit(f"group {label!r}: {path} and {first_path} differ in {', '.join(differ)}; compare "
+                             "runs evaluated the same way (or give them different labels)")
+    task = first["task"]
+    if task not in METRICS:
+        raise SystemExit(f"{first_path}: task={task!r} has no headline metric here; compare "
+                         f"{', '.join(METRICS)} results")
+    metric = METRICS[task][0]
+    summaries = [result["summary"] for _, result in runs]
+    parts = {"overall": "overall", "seen": "seen", "held-out": "heldout"}
+    if per_category:
+        parts.update({cat: cat for cat in first["summary"]["per_category"]})
+    row = {"group": label, "runs": len(runs), "task": task, "split": first.get("split", "?")}
+    for column, key in parts.items():
+        values = [s.get("per_category", {}).get(key, s.get(key, {})).get(metric) for s in summaries]
+        values = [v for v in values if v is not None]
+        row[column] = "-" if not values else (
+            f"{values[0]:.3f}" if len(values) == 1 else
+            f"{statistics.mean(values):.3f} ({min(values):.3f}-{max(values):.3f})")
+    return row
+
+
+def comparison_table(groups: dict[str, list[tuple[Path, dict[str, Any]]]], per_category: bool = False) -> str:
+    from chameleon_lite.eval.report import markdown_table
+
+    rows = [summarise(label, runs, per_category) for label, runs in groups.items()]
+    columns = list(rows[0])
+    for row in rows[1:]:
+        columns += [c for c in row if c not in columns]
+    return markdown_table(rows, columns)
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-g", "--group", dest="groups", action="append", nargs="+", required=True,
+                        metavar="LABEL PATTERN", help="a group: its label, then globs of its results")
+    parser.add_argument("--per-category", action="store_true", help="also a column per category")
+    args = parser.parse_args(argv)
+    table = comparison_table(load_groups(args.groups), args.per_category)
+    print(table)
+    return table
+
+
+if __name__ == "__main__":
+    main()

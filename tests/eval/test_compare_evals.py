@@ -1,0 +1,48 @@
+"""compare_evals: mean (min-max) per group of eval results, refusing groups evaluated differently."""
+
+from __future__ import annotations
+
+import pytest
+
+from chameleon_lite.cli.compare_evals import main
+from chameleon_lite.eval.report import write_report
+
+
+def _write(directory, exact: float, heldout: float, *, split: str = "val", rounds: int = 3) -> None:
+    summary = {"per_category": {"single_object": {"n": 4, "exact": exact}},
+               "overall": {"n": 4, "exact": exact}, "seen": {"n": 3, "exact": exact + 0.1},
+               "heldout": {"n": 1, "exact": heldout}}
+    result = {"task": "caption", "ckpt": str(directory), "split": split, "settings": {"scene_search": {"rounds": rounds}},
+              "data": {"holdout_pairs": [["red", "triangle"]]}, "summary": summary, "records": []}
+    write_report(directory, "caption", result, "")
+
+
+def test_groups_give_mean_min_max_per_column(tmp_path, capsys):
+    for name, exact, held in (("a1", 0.7, 0.1), ("a2", 0.8, 0.3), ("b1", 0.75, 0.4)):
+        _write(tmp_path / name / "eval", exact, held)
+    table = main(["-g", "A", f"{tmp_path}/a*/eval", "-g", "B", f"{tmp_path}/b1/eval/caption.json", "--per-category"])
+    lines = table.splitlines()
+    assert lines[0] == "| group | runs | task | split | overall | seen | held-out | single_object |"
+    assert lines[2] == "| A | 2 | caption | val | 0.750 (0.700-0.800) | 0.850 (0.800-0.900) | 0.200 (0.100-0.300) | 0.750 (0.700-0.800) |"
+    assert lines[3] == "| B | 1 | caption | val | 0.750 | 0.850 | 0.400 | 0.750 |"
+    assert table in capsys.readouterr().out
+
+
+def test_a_group_mixing_protocols_or_splits_is_refused(tmp_path):
+    _write(tmp_path / "r1", 0.7, 0.1)
+    _write(tmp_path / "r2", 0.8, 0.3, rounds=0)
+    _write(tmp_path / "r3", 0.8, 0.3, split="test")
+    with pytest.raises(SystemExit, match="differ in settings"):
+        main(["-g", "A", f"{tmp_path}/r1", "-g", "A", f"{tmp_path}/r2"])
+    with pytest.raises(SystemExit, match="differ in split"):
+        main(["-g", "A", f"{tmp_path}/r1", f"{tmp_path}/r3"])
+
+
+def test_bad_arguments_name_the_fix(tmp_path):
+    with pytest.raises(SystemExit, match="matches no eval result"):
+        main(["-g", "A", f"{tmp_path}/nothing*"])
+    with pytest.raises(SystemExit, match="then its patterns"):
+        main(["-g", str(tmp_path)])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="expected one of"):
+        main(["-g", "A", f"{tmp_path}/empty"])
