@@ -38,11 +38,33 @@ def build_model_config(cfg: DictConfig, tokenizer: MultimodalTokenizer) -> Model
     return mc
 
 
+def resolve_batch_tokens(cfg: DictConfig, trainer: L.Trainer) -> None:
+    """``data.batch_tokens`` (tokens per optimizer step, over all processes and accumulated micro-batches)
+    -> ``data.batch_size`` (rows per micro-batch per process), so that one setting gives the same global
+    batch on 1 CPU, 4 GPUs or 2 nodes. No-op when ``data.batch_tokens`` is null."""
+    tokens = cfg.data.get("batch_tokens")
+    if tokens is None:
+        return
+    require(cfg, "data.batch_tokens", lambda v: isinstance(v, int) and v > 0, "a positive int, or null (then "
+            "data.batch_size rows per process)")
+    world, accumulate = trainer.world_size, trainer.accumulate_grad_batches
+    per_row = cfg.data.seq_len * world * accumulate
+    if tokens % per_row:
+        near = sorted({max(1, tokens // per_row) * per_row, (tokens // per_row + 1) * per_row})
+        raise ConfigError(f"data.batch_tokens={tokens} is not a multiple of data.seq_len={cfg.data.seq_len} x "
+                          f"{world} process(es) x trainer.accumulate_grad_batches={accumulate} = {per_row}: use "
+                          f"{' or '.join(map(str, near))}")
+    cfg.data.batch_size = tokens // per_row
+    log.info("data.batch_tokens=%d: %d rows of %d tokens per micro-batch per process (%d process(es), %d "
+             "micro-batch(es) per step)", tokens, cfg.data.batch_size, cfg.data.seq_len, world, accumulate)
+
+
 def train(cfg: DictConfig) -> dict:
     """Run one training job; returns final metrics and the paths it wrote."""
     L.seed_everything(cfg.seed, workers=True)
     run_dir = resolve_path(cfg.run_dir)
     trainer = build_trainer(cfg)  # first: a bad trainer setting fails before any data is prepared
+    resolve_batch_tokens(cfg, trainer)
     dm = ChameleonDataModule(cfg.data, tokenizer_dir=cfg.tokenizer.dir, seed=cfg.seed)
     dm.prepare_data()
     dm.setup("fit")

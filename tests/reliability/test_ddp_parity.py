@@ -55,10 +55,11 @@ def _weights_after(run_dir, basetemp, *extra):
 
 
 def test_gradient_accumulation_matches_one_batch_of_the_same_rows(tmp_path, tmp_path_factory):
-    """2 micro-batches of 2 rows == 1 batch of 4 rows: the rows hold different numbers of loss tokens
+    """2 micro-batches of 2 rows (set through ``data.batch_tokens``) == 1 batch of 4 rows: the rows hold different numbers of loss tokens
     (``loss_on=completion``), so Lightning's equal-weight average of micro-batch means would not match."""
     basetemp = tmp_path_factory.getbasetemp()
     one = _weights_after(tmp_path / "one", basetemp, "data.batch_size=4")
-    acc = _weights_after(tmp_path / "acc", basetemp, "data.batch_size=2", "trainer.accumulate_grad_batches=2")
+    # data.batch_tokens = 4 rows of 64 tokens per step -> 2 rows per micro-batch with 2 micro-batches per step
+    acc = _weights_after(tmp_path / "acc", basetemp, "data.batch_tokens=256", "trainer.accumulate_grad_batches=2")
     worst = max((one[name] - acc[name]).abs().max().item() for name in one)
     assert worst <= 1e-5, f"max |batch 4 - 2 x 2 accumulated| = {worst:.3g}"

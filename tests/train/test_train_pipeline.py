@@ -131,3 +131,13 @@ def test_compiled_blocks_train_like_eager_and_save_the_same_checkpoint(tiny_trai
     assert list(compiled_state) == list(state)
     model, _, _ = load_model(compiled_dir / "checkpoints" / "last.ckpt")
     assert not any("_orig_mod" in name for name in model.state_dict())
+
+
+def test_batch_tokens_that_do_not_divide_into_rows_is_a_clear_error(tiny_train_cfg):
+    from chameleon_lite.config import ConfigError
+
+    cfg = tiny_train_cfg("data.batch_tokens=1000", "trainer.accumulate_grad_batches=2")
+    seq_len = cfg.data.seq_len
+    with pytest.raises(ConfigError, match=rf"data.batch_tokens=1000 is not a multiple of data.seq_len={seq_len} x 1 "
+                                          rf"process\(es\) x trainer.accumulate_grad_batches=2 = {2 * seq_len}"):
+        train(cfg)
