@@ -61,11 +61,14 @@ def test_eval_tasks_write_json_markdown_grid(tiny_checkpoint, tmp_path, task):
                                            f"data.cache_dir={tmp_path / 'cache'}", *extra]))
     assert (tmp_path / f"{task}.json").is_file() and (tmp_path / f"{task}.md").is_file()
     written = json.loads((tmp_path / f"{task}.json").read_text())  # the protocol, for compare_evals
-    assert written["split"] == "test" and written["data"]["holdout_pairs"] == [["red", "triangle"], ["blue", "diamond"]]
+    assert written["split"] == ("val" if task == "perplexity" else "test")
+    assert written["data"]["holdout_pairs"] == [["red", "triangle"], ["blue", "diamond"]]
+    assert "cache_dir" not in written["data"] and ("loss_on" in written["data"]) == (task == "perplexity")
     if task == "geneval":
         assert written["settings"]["images_per_prompt"] == 2 and written["settings"]["image_candidates"] == 2
+        assert ("image_negative_edits" in written["settings"]) == bool(extra)  # moot without negatives
     elif task == "caption":
-        assert written["settings"]["scene_search"]["rounds"] == (2 if extra else 0)
+        assert written["settings"]["scene_search"] == ({"rounds": 2, "caption_weight": 0.5} if extra else {"rounds": 0})
     if task == "composition":
         assert res["summary"]["heldout"]["n"] == 2 and 0.0 <= res["summary"]["heldout"]["image"]["exact"] <= 1.0
     elif task != "perplexity":

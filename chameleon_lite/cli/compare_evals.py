@@ -17,6 +17,7 @@ import argparse
 import glob
 import json
 import statistics
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -42,33 +43,50 @@ def _result_files(pattern: str) -> list[Path]:
 
 
 def load_groups(specs: list[list[str]]) -> dict[str, list[tuple[Path, dict[str, Any]]]]:
-    """``[LABEL, PATTERN, ...]`` lists -> label -> [(file, result JSON)], in the order the labels first appear."""
+    """``[LABEL, PATTERN, ...]`` lists -> label -> [(file, result JSON)], in the order the labels first appear
+    (a file matched twice within a group counts once)."""
     groups: dict[str, list[tuple[Path, dict[str, Any]]]] = {}
     for label, *patterns in specs:
         if not patterns:
             raise SystemExit(f"-g {label}: give the group's label, then its patterns, e.g. "
                              "-g seeds 'runs/r2*/eval/cap_val'")
+        group = groups.setdefault(label, [])
         for pattern in patterns:
             for path in _result_files(pattern):
-                groups.setdefault(label, []).append((path, json.loads(path.read_text())))
+                if any(path.resolve() == seen.resolve() for seen, _ in group):
+                    continue
+                try:
+                    group.append((path, json.loads(path.read_text())))
+                except json.JSONDecodeError as err:
+                    raise SystemExit(f"{path}: not a chameleon-eval result ({err}); narrow the pattern") from None
     return groups
 
 
-def _protocol(result: dict[str, Any]) -> dict[str, Any]:
-    """What must agree within a group; keys absent from older results are left out of the comparison."""
-    return {k: result[k] for k in ("task", "split", "settings", "data") if k in result}
+PROTOCOL = ("task", "split", "settings", "data")
+
+
+def check_protocol(label: str, runs: list[tuple[Path, dict[str, Any]]]) -> list[Path]:
+    """Raise naming two files of the group that differ in one of `PROTOCOL` (each key compared over the
+    files that record it); returns the files that record no split / settings (results written before
+    chameleon-eval recorded its protocol), whose protocol could not be checked."""
+    for key in PROTOCOL:
+        having = [(path, result[key]) for path, result in runs if key in result]
+        for path, value in having[1:]:
+            if value != having[0][1]:
+                raise SystemExit(f"group {label!r}: {path} and {having[0][0]} differ in {key}; compare runs "
+                                 "evaluated the same way (or give them different labels)")
+    return [path for path, result in runs if "split" not in result or "settings" not in result]
 
 
 def summarise(label: str, runs: list[tuple[Path, dict[str, Any]]], per_category: bool = False) -> dict[str, Any]:
-    """One table row: mean (min-max) of the task's metric, overall / seen / held-out (and per category)."""
+    """One table row: mean (min-max) of the task's metric, overall / seen / held-out (and per category);
+    a cell that only some runs have says how many."""
     first_path, first = runs[0]
-    reference = _protocol(first)
-    for path, result in runs[1:]:
-        here = _protocol(result)
-        differ = sorted(k for k in reference.keys() & here.keys() if reference[k] != here[k])
-        if differ:
-            raise SystemExit(f"group {label!r}: {path} and {first_path} differ in {', '.join(differ)}; compare "
-                             "runs evaluated the same way (or give them different labels)")
+    unchecked = check_protocol(label, runs)
+    if unchecked:
+        print(f"note: group {label!r}: {len(unchecked)} result(s) record no split/settings (written before "
+              f"chameleon-eval recorded them), so their protocol was not checked: "
+              f"{', '.join(map(str, unchecked))}", file=sys.stderr)
     task = first["task"]
     if task not in METRICS:
         raise SystemExit(f"{first_path}: task={task!r} has no headline metric here; compare "
@@ -77,14 +95,16 @@ def summarise(label: str, runs: list[tuple[Path, dict[str, Any]]], per_category:
     summaries = [result["summary"] for _, result in runs]
     parts = {"overall": "overall", "seen": "seen", "held-out": "heldout"}
     if per_category:
-        parts.update({cat: cat for cat in first["summary"]["per_category"]})
-    row = {"group": label, "runs": len(runs), "task": task, "split": first.get("split", "?")}
+        parts.update({cat: cat for s in summaries for cat in s.get("per_category", {})})
+    split = next((result["split"] for _, result in runs if "split" in result), "?")
+    row = {"group": label, "runs": len(runs), "task": task, "split": split}
     for column, key in parts.items():
         values = [s.get("per_category", {}).get(key, s.get(key, {})).get(metric) for s in summaries]
         values = [v for v in values if v is not None]
-        row[column] = "-" if not values else (
+        cell = "-" if not values else (
             f"{values[0]:.3f}" if len(values) == 1 else
             f"{statistics.mean(values):.3f} ({min(values):.3f}-{max(values):.3f})")
+        row[column] = cell if len(values) in (0, len(runs)) else f"{cell} [{len(values)} of {len(runs)} runs]"
     return row
 
 

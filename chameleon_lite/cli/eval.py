@@ -26,6 +26,25 @@ SETTINGS = {
     "composition": ("n_probe", "seed"),
     "perplexity": ("max_batches",),
 }
+#: The data settings each task's result depends on: the shapes world its images come from (perplexity: also
+#: the val documents and their loss mask). Paths and training-only keys are left out so that runs compare.
+WORLD = ("image_size", "holdout_pairs", "val_holdout_pairs", "layout")
+DATA_KEYS = {task: WORLD for task in SETTINGS} | {
+    "perplexity": (*WORLD, "seed", "n_val", "seq_len", "tasks", "loss_on", "caption_target")}
+
+
+def protocol(cfg: DictConfig) -> dict:
+    """split, settings and data of a result: what must agree before two results may be compared."""
+    def plain(value):
+        return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+    settings = {k: plain(cfg[k]) for k in SETTINGS[cfg.task]}
+    if settings.get("image_negative_scale") == 0:
+        settings.pop("image_negative_edits")  # no negatives drawn: which edits would make them is moot
+    if "scene_search" in settings and settings["scene_search"]["rounds"] == 0:
+        settings["scene_search"] = {"rounds": 0}
+    return {"split": "val" if cfg.task == "perplexity" else cfg.split, "settings": settings,
+            "data": {k: plain(cfg.data[k]) for k in DATA_KEYS[cfg.task] if k in cfg.data}}
 
 
 def _world(cfg: DictConfig, n: int):
@@ -138,10 +157,7 @@ def evaluate(cfg: DictConfig) -> dict:
         summary = evaluate_perplexity(gen.model, gen.vocab, loader, cfg.max_batches)
         records, examples = [], []
         table = markdown_table([{"target": k, **v} for k, v in summary.items()], ["target", "perplexity", "ce", "tokens"])
-    settings = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
-                for k in SETTINGS[cfg.task]}
-    result = {"task": cfg.task, "ckpt": str(cfg.ckpt), "split": cfg.split, "settings": settings,
-              "data": OmegaConf.to_container(cfg.data, resolve=True), "summary": summary, "records": records}
+    result = {"task": cfg.task, "ckpt": str(cfg.ckpt), **protocol(cfg), "summary": summary, "records": records}
     if examples:
         result["grid"] = _grid(examples, out_dir / f"{cfg.task}_examples.png", cfg.grid_examples)
     result["files"] = write_report(out_dir, cfg.task, result, table)

@@ -45,8 +45,9 @@ def resolve_batch_tokens(cfg: DictConfig, trainer: L.Trainer) -> None:
     tokens = cfg.data.get("batch_tokens")
     if tokens is None:
         return
-    require(cfg, "data.batch_tokens", lambda v: isinstance(v, int) and v > 0, "a positive int, or null (then "
-            "data.batch_size rows per process)")
+    require(cfg, "data.batch_tokens", lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0,
+            "a positive int, or null (then data.batch_size rows per process)")
+    require(cfg, "data.seq_len", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 2, "an int >= 2")
     world, accumulate = trainer.world_size, trainer.accumulate_grad_batches
     per_row = cfg.data.seq_len * world * accumulate
     if tokens % per_row:

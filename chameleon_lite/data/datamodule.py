@@ -211,8 +211,9 @@ class ChameleonDataModule(L.LightningDataModule):
                                       self._fit_epoch)
         sampler = ResumableRowSampler(len(self.train_set), rank=rank, world_size=world)
         if len(sampler) < self.cfg.batch_size:
+            lower = "data.batch_tokens" if self.cfg.get("batch_tokens") is not None else "data.batch_size"
             raise ConfigError(f"data.batch_size={self.cfg.batch_size} is larger than the {len(sampler)} packed "
-                              f"rows per process; lower data.batch_size or add data")
+                              f"rows per process; lower {lower} or add data")
         return ResumableDataLoader(self.train_set, sampler, batch_size=self.cfg.batch_size,
                                    num_workers=self.cfg.num_workers, persistent_workers=self.cfg.num_workers > 0)
 

@@ -28,10 +28,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
-from transformers import ChameleonConfig, ChameleonForConditionalGeneration
 
 from chameleon_lite.files import atomic_path, atomic_write_text
-from chameleon_lite.interop.hf_config import (
+from chameleon_lite.interop.hf_config import (  # imports transformers, with a clear error without it
+    ChameleonConfig,
+    ChameleonForConditionalGeneration,
     HFInteropError,
     check_config_match,
     hf_config_from_model,

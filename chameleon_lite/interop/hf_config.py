@@ -30,11 +30,12 @@ from chameleon_lite.vocab import BASE_SPECIALS, UnifiedVocab, VocabError, VocabL
 
 try:
     import transformers
-    from transformers import ChameleonConfig
+    from transformers import ChameleonConfig, ChameleonForConditionalGeneration
     from transformers.models.chameleon.modeling_chameleon import ChameleonImageVocabularyMapping
 except ImportError as err:
     raise ImportError("chameleon_lite.interop needs Hugging Face transformers >= 5: "
                       "pip install 'chameleon-lite[hf]'") from err
+__all__ = ["ChameleonConfig", "ChameleonForConditionalGeneration"]  # for hf.py: imported here, under the guard
 if int(transformers.__version__.split(".")[0]) < 5:
     raise ImportError(f"chameleon_lite.interop needs transformers >= 5 (its `rope_parameters` config); "
                       f"found {transformers.__version__}")

@@ -77,10 +77,11 @@ class NonFiniteGuard(L.Callback):
         self._bad_loss: str | None = None
 
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: Tensor) -> None:
-        self._bad_loss = None if bool(torch.isfinite(loss).all()) else f"loss ({float(loss.detach())})"
+        if self._bad_loss is None and not bool(torch.isfinite(loss).all()):  # any micro-batch of the window
+            self._bad_loss = f"loss ({float(loss.detach())})"
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
-        problem = self._bad_loss
+        problem, self._bad_loss = self._bad_loss, None
         if problem is None:
             bad = first_nonfinite((name, p.grad) for name, p in pl_module.named_parameters())
             problem = None if bad is None else f"gradient of {bad}"

@@ -132,10 +132,24 @@ class ChameleonLightningModule(L.LightningModule):
             n_tokens = self.trainer.strategy.reduce(n_tokens, reduce_op="sum")
         if not bool(n_tokens > 0):
             return  # no loss tokens anywhere: every gradient is already zero
-        factor = self._loss_ref * self.trainer.world_size / n_tokens
-        for p in self.parameters():
-            if p.grad is not None:
-                p.grad.mul_(factor.to(p.grad.dtype))
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if grads:  # one Python float: no rounding of the factor to low-precision grads, any grad device
+            torch._foreach_mul_(grads, float(self._loss_ref * self.trainer.world_size / n_tokens))
+
+    def configure_gradient_clipping(self, optimizer: Any, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        """Lightning's clipping, except under FSDP: there the norm must be taken over every rank's shard, which
+        only the root FSDP module can do (Lightning's FSDP precision plugin refuses ``gradient_clip_algorithm=
+        norm`` outright, so ``trainer=fsdp`` with the default ``gradient_clip_val`` would stop at step 1)."""
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        if gradient_clip_val and isinstance(self.trainer.strategy, FSDPStrategy):
+            if gradient_clip_algorithm not in (None, "norm"):
+                raise ValueError(f"trainer.gradient_clip_algorithm={gradient_clip_algorithm!r} under FSDP: only "
+                                 "'norm' is supported (the root FSDP module's clip_grad_norm_)")
+            self.trainer.model.clip_grad_norm_(gradient_clip_val)
+            return
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         self._shared_step(batch, "val")

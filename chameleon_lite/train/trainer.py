@@ -89,6 +89,10 @@ def build_trainer(cfg: DictConfig, **overrides: Any) -> L.Trainer:
     if not isinstance(trainer_cfg, dict) or trainer_cfg.pop("_target_", None) != "lightning.Trainer":
         raise ConfigError("trainer config must be a lightning.Trainer node (conf/trainer/*.yaml)")
     cpu_precision(trainer_cfg, cfg.get("cpu_bf16", "auto"))
+    accumulate = trainer_cfg.get("accumulate_grad_batches", 1)
+    if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
+        raise ConfigError(f"trainer.accumulate_grad_batches={accumulate!r} is invalid: expected an int >= 1 "
+                          "(micro-batches per optimizer step)")
     strategy = trainer_cfg.get("strategy", "auto")
     trainer_cfg["strategy"] = build_strategy(strategy)
     if strategy != "fsdp":  # FSDP writes sharded checkpoints through its own IO

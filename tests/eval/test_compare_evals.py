@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from chameleon_lite.cli.compare_evals import main
@@ -46,3 +48,30 @@ def test_bad_arguments_name_the_fix(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit, match="expected one of"):
         main(["-g", "A", f"{tmp_path}/empty"])
+
+
+def test_older_results_are_noted_and_do_not_hide_a_mismatch_among_newer_ones(tmp_path, capsys):
+    _write(tmp_path / "old", 0.7, 0.1)
+    old = tmp_path / "old" / "caption.json"
+    result = json.loads(old.read_text())
+    for key in ("split", "settings", "data"):
+        del result[key]
+    old.write_text(json.dumps(result))
+    _write(tmp_path / "n1", 0.8, 0.3)
+    _write(tmp_path / "n2", 0.8, 0.3, rounds=0)
+    with pytest.raises(SystemExit, match="differ in settings"):
+        main(["-g", "A", str(old.parent), f"{tmp_path}/n*"])
+    table = main(["-g", "A", str(old.parent), f"{tmp_path}/n1", f"{tmp_path}/n1/caption.json"])
+    assert "| A | 2 | caption | val | 0.750 (0.700-0.800) |" in table  # n1 matched twice counts once
+    assert f"protocol was not checked: {old}" in capsys.readouterr().err
+
+
+def test_a_category_only_some_runs_have_says_so(tmp_path):
+    _write(tmp_path / "a", 0.7, 0.1)
+    _write(tmp_path / "b", 0.9, 0.1)
+    path = tmp_path / "b" / "caption.json"
+    result = json.loads(path.read_text())
+    result["summary"]["per_category"]["counting"] = {"n": 2, "exact": 0.5}
+    path.write_text(json.dumps(result))
+    table = main(["-g", "A", f"{tmp_path}/a", f"{tmp_path}/b", "--per-category"])
+    assert table.splitlines()[2].endswith("| 0.800 (0.700-0.900) | 0.500 [1 of 2 runs] |")

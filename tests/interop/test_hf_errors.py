@@ -138,3 +138,14 @@ def test_hf_config_carries_the_exact_numbers():
     assert config.tie_word_embeddings and config.intermediate_size == model.cfg.ffn_hidden_dim
     assert (config.bos_token_id, config.eos_token_id, config.pad_token_id) == (1, 2, 0)
     assert config.vocab_size == VOCAB.size and config.vq_config.num_embeddings == VOCAB.n_image
+
+
+def test_missing_transformers_is_an_install_hint_not_a_bare_import_error():
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['transformers'] = None\n"
+            "try:\n    import chameleon_lite.interop.hf\n"
+            "except ImportError as err:\n    print(type(err).__name__, err)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "pip install 'chameleon-lite[hf]'" in out, out

@@ -141,3 +141,11 @@ def test_batch_tokens_that_do_not_divide_into_rows_is_a_clear_error(tiny_train_c
     with pytest.raises(ConfigError, match=rf"data.batch_tokens=1000 is not a multiple of data.seq_len={seq_len} x 1 "
                                           rf"process\(es\) x trainer.accumulate_grad_batches=2 = {2 * seq_len}"):
         train(cfg)
+
+
+@pytest.mark.parametrize("value", [0, -2, "true"])
+def test_bad_accumulate_grad_batches_is_named_before_any_work(tiny_train_cfg, value):
+    from chameleon_lite.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"trainer.accumulate_grad_batches=.* is invalid: expected an int >= 1"):
+        train(tiny_train_cfg(f"trainer.accumulate_grad_batches={value}"))

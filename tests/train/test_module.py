@@ -1,0 +1,46 @@
+"""ChameleonLightningModule pieces that a tiny CPU run does not reach: gradient clipping under FSDP."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+from lightning.pytorch.strategies import FSDPStrategy, SingleDeviceStrategy
+
+from chameleon_lite.train.module import ChameleonLightningModule
+from chameleon_lite.vocab import UnifiedVocab
+
+
+def _module() -> ChameleonLightningModule:
+    vocab = UnifiedVocab(n_text=40, n_image=16, n_reserved=2, pad_to_multiple=8)
+    return ChameleonLightningModule(
+        model={"vocab_size": vocab.size, "dim": 32, "n_layers": 1, "n_heads": 4, "max_seq_len": 16},
+        optim={"warmup_steps": 0, "schedule": "constant", "min_lr_ratio": 0.1, "z_loss": 0.0}, vocab=vocab.to_dict(),
+        total_steps=1)
+
+
+class RootFSDP:
+    """Stands in for the FSDP-wrapped root module (`trainer.model` under FSDP)."""
+
+    def __init__(self) -> None:
+        self.clipped: list[float] = []
+
+    def clip_grad_norm_(self, max_norm: float) -> None:
+        self.clipped.append(max_norm)
+
+
+def test_fsdp_clips_through_the_root_module_which_lightning_cannot_do():
+    module, root = _module(), RootFSDP()
+    module.trainer = SimpleNamespace(strategy=FSDPStrategy(), model=root)
+    module.configure_gradient_clipping(optimizer=None, gradient_clip_val=1.0, gradient_clip_algorithm="norm")
+    assert root.clipped == [1.0]
+    with pytest.raises(ValueError, match="gradient_clip_algorithm='value' under FSDP"):
+        module.configure_gradient_clipping(optimizer=None, gradient_clip_val=1.0, gradient_clip_algorithm="value")
+
+
+def test_other_strategies_keep_lightnings_clipping(monkeypatch):
+    module, calls = _module(), []
+    module.trainer = SimpleNamespace(strategy=SingleDeviceStrategy("cpu"), model=RootFSDP())
+    monkeypatch.setattr(module, "clip_gradients", lambda *args: calls.append(args))
+    module.configure_gradient_clipping(optimizer="opt", gradient_clip_val=0.5, gradient_clip_algorithm="norm")
+    assert calls == [("opt", 0.5, "norm")]
