@@ -11,6 +11,7 @@ done here (row ``r`` goes to rank ``r % world_size``), so the trainer runs with
 
 from __future__ import annotations
 
+import logging
 from functools import lru_cache
 from typing import Callable, Iterator
 
@@ -19,6 +20,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from chameleon_lite.data.packing import PackedRow, PackingStats, pack_documents
 from chameleon_lite.data.sequences import Document
+
+log = logging.getLogger(__name__)
 
 
 class PackedDataset(Dataset):
@@ -93,18 +96,36 @@ class ResumableDataLoader(DataLoader):
     def __init__(self, dataset: PackedDataset, sampler: ResumableRowSampler, batch_size: int, **kwargs):
         kwargs.setdefault("generator", torch.Generator())
         super().__init__(dataset, batch_size=batch_size, sampler=sampler, drop_last=True, **kwargs)
-        self._batches = 0
+        self._rows = 0  # rows of this rank's share of the epoch consumed so far
 
     def __iter__(self):
-        self._batches = self.sampler.start // self.batch_size
+        self._rows = self.sampler.start
         for batch in super().__iter__():
-            self._batches += 1
+            self._rows += self.batch_size
             yield batch
         self.sampler.start = 0  # a completed epoch; the next one starts from its beginning
 
     def state_dict(self) -> dict:
-        return {"epoch": self.sampler.epoch, "batches": self._batches}
+        return {"epoch": self.sampler.epoch, "batches": self._rows // self.batch_size, "rows": self._rows,
+                "world_size": self.sampler.world_size}
 
     def load_state_dict(self, state: dict) -> None:
+        """Continue the saved epoch where it stopped, also on another number of processes or batch size.
+
+        Ranks take rows round-robin, so after ``rows`` rows per rank on ``world_size`` processes exactly the
+        epoch's first ``rows * world_size`` rows are consumed, whatever the batch size; each rank of the
+        resumed run continues at its share of that count. When the count does not split evenly over the new
+        processes it is rounded down (a few rows are seen twice, never skipped) and a warning says so.
+        """
         self.sampler.epoch = int(state["epoch"])
-        self.sampler.start = int(state["batches"]) * self.batch_size
+        saved_world = int(state.get("world_size", self.sampler.world_size))
+        rows = int(state["rows"]) if "rows" in state else int(state["batches"]) * self.batch_size  # states written before "rows"
+        consumed, world = rows * saved_world, self.sampler.world_size
+        self.sampler.start = consumed // world
+        if saved_world != world:
+            log.info("resuming epoch %d on %d processes (checkpoint: %d): %d rows were consumed, each rank "
+                     "continues at row %d of its share", self.sampler.epoch, world, saved_world, consumed,
+                     self.sampler.start)
+            if consumed % world:
+                log.warning("the %d consumed rows do not split over %d processes: the last %d are read again",
+                            consumed, world, consumed % world)

@@ -1,0 +1,71 @@
+"""ResumableDataLoader: a resumed epoch reads exactly the rows not yet read, also on another process count."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from chameleon_lite.data.packed_dataset import ResumableDataLoader, ResumableRowSampler
+
+N_ROWS = 48
+
+
+class RowIds(torch.utils.data.Dataset):
+    """Item (epoch, row) -> the row id, so batches show which rows were read."""
+
+    def __len__(self) -> int:
+        return N_ROWS
+
+    def __getitem__(self, key):
+        return torch.tensor(key[1])
+
+
+def _loaders(world: int, batch_size: int) -> list[ResumableDataLoader]:
+    return [ResumableDataLoader(RowIds(), ResumableRowSampler(N_ROWS, rank, world), batch_size)
+            for rank in range(world)]
+
+
+def _read(loader: ResumableDataLoader, batches: int | None = None) -> list[int]:
+    rows = []
+    for i, batch in enumerate(loader):
+        rows += batch.tolist()
+        if batches is not None and i + 1 == batches:
+            break
+    return rows
+
+
+@pytest.mark.parametrize("before, after", [((1, 4), (1, 4)), ((1, 4), (2, 2)), ((2, 2), (1, 3)), ((2, 3), (4, 1))])
+def test_resume_reads_each_remaining_row_once_whatever_the_processes_and_batch(before, after):
+    (world, batch), (new_world, new_batch) = before, after
+    old = _loaders(world, batch)
+    read = [row for loader in old for row in _read(loader, batches=3)]
+    state = old[0].state_dict()  # what the checkpoint holds (rank 0's; every rank is at the same batch)
+    resumed = _loaders(new_world, new_batch)
+    for loader in resumed:
+        loader.load_state_dict(state)
+    rest = [row for loader in resumed for row in _read(loader)]
+    assert sorted(read) == list(range(len(read)))  # ranks interleave: the epoch's first rows were read
+    assert len(set(rest)) == len(rest)
+    assert len(set(rest) & set(read)) == len(read) % new_world  # an uneven split rereads its remainder only
+    assert not set(range(max(rest) + 1)) - set(read) - set(rest)  # nothing skipped
+    assert N_ROWS // new_world * new_world - max(rest) - 1 < new_world * new_batch  # read to the epoch's end
+
+def test_an_uneven_split_rereads_rather_than_skips_and_warns(caplog):
+    old = _loaders(1, 5)
+    read = _read(old[0], batches=1)  # rows 0-4: 5 rows do not split over 2 processes
+    resumed = _loaders(2, 2)
+    with caplog.at_level(logging.WARNING):
+        for loader in resumed:
+            loader.load_state_dict(old[0].state_dict())
+    assert "the last 1 are read again" in caplog.text
+    first = [_read(loader, batches=1) for loader in resumed]
+    assert sorted(row for rows in first for row in rows) == [4, 5, 6, 7]  # row 4 again, nothing skipped
+    assert read == [0, 1, 2, 3, 4]
+
+
+def test_states_from_before_rows_were_recorded_still_load():
+    loader = _loaders(1, 4)[0]
+    loader.load_state_dict({"epoch": 0, "batches": 2})
+    assert _read(loader, batches=1) == [8, 9, 10, 11]
