@@ -177,11 +177,22 @@ class ShardLoader(DataLoader):
         stream.start = 0  # a completed epoch; the next one starts from its beginning
 
     def state_dict(self) -> dict:
-        return {"epoch": self.dataset.epoch, "batches": self._batches}
+        stream: ShardStream = self.dataset
+        return {"epoch": stream.epoch, "batches": self._batches, "world_size": stream.world_size,
+                "batch_size": stream.batch_size}
 
     def load_state_dict(self, state: dict) -> None:
-        self.dataset.epoch = int(state["epoch"])
-        self.dataset.start = self._batches = int(state["batches"])
+        """The saved position; refused when it was saved with another process count or batch size, since each
+        process streams its own shards and a position inside them does not carry over to another split."""
+        stream: ShardStream = self.dataset
+        saved = (int(state.get("world_size", stream.world_size)), int(state.get("batch_size", stream.batch_size)))
+        if saved != (stream.world_size, stream.batch_size):
+            raise ConfigError(f"the checkpoint's webdataset position was saved by {saved[0]} process(es) x "
+                              f"data.batch_size={saved[1]}; this run has {stream.world_size} x {stream.batch_size}. "
+                              "Streamed shards cannot be re-split mid-epoch: resume with the same trainer.devices / "
+                              "num_nodes and batch size, or start a new run from the weights (ckpt_path=null)")
+        stream.epoch = int(state["epoch"])
+        stream.start = self._batches = int(state["batches"])
 
 
 class ShardStream(IterableDataset):

@@ -236,7 +236,7 @@ def test_resume_yields_the_rows_of_an_uninterrupted_run(num_workers, corpus, tok
     for _ in range(5):  # the run is interrupted after 5 batches
         next(it)
     state = first.state_dict()
-    assert state == {"epoch": 1, "batches": 5}
+    assert state == {"epoch": 1, "batches": 5, "world_size": 1, "batch_size": 1}
     del it
 
     encoded.clear()
@@ -248,7 +248,9 @@ def test_resume_yields_the_rows_of_an_uninterrupted_run(num_workers, corpus, tok
         assert all(torch.equal(a[k], b[k]) for k in ("input_ids", "labels", "positions", "doc_lens"))
     if num_workers == 0:  # the replayed rows were decoded, not VQ-encoded again
         assert sum(encoded) < full_cost
-    assert resumed.state_dict() == {"epoch": 1, "batches": 9}
+    assert resumed.state_dict() == {"epoch": 1, "batches": 9, "world_size": 1, "batch_size": 1}
+    with pytest.raises(ConfigError, match=r"saved by 1 process\(es\) x data.batch_size=1; this run has 2 x 1"):
+        loader(cfg, tok, **streams, world_size=2).load_state_dict(state)
 
 
 def test_shards_are_a_pattern_a_list_or_joined_patterns(corpus):
@@ -298,7 +300,8 @@ def test_training_on_shards_resumes_like_an_uninterrupted_run(corpus, tmp_path):
     assert reference["global_step"] == 7 and "val/loss" in reference["metrics"]
 
     step4 = tmp_path / "ref" / "checkpoints" / "step000004.ckpt"
-    assert safe_torch_load(step4)["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 0, "batches": 4}]
+    assert safe_torch_load(step4)["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [
+        {"epoch": 0, "batches": 4, "world_size": 1, "batch_size": 2}]
     resumed = train(compose_config("train", [*overrides, f"run_dir={tmp_path / 'resumed'}", f"ckpt_path={step4}"]))
     assert resumed["global_step"] == 7
     expected, got = logged_losses(tmp_path / "ref"), logged_losses(tmp_path / "resumed")
