@@ -106,8 +106,7 @@ class ResumableDataLoader(DataLoader):
         self.sampler.start = 0  # a completed epoch; the next one starts from its beginning
 
     def state_dict(self) -> dict:
-        return {"epoch": self.sampler.epoch, "batches": self._rows // self.batch_size, "rows": self._rows,
-                "world_size": self.sampler.world_size}
+        return {"epoch": self.sampler.epoch, "rows": self._rows, "world_size": self.sampler.world_size}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue the saved epoch where it stopped, also on another number of processes or batch size.
