@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from chameleon_lite.config import ConfigError
 from chameleon_lite.data.jsonl import JsonlCache, check_jsonl_config, load_or_build_jsonl_cache
+from chameleon_lite.data.packing import REASON_NO_LOSS
 from chameleon_lite.data.packed_dataset import PackedDataset, ResumableDataLoader, ResumableRowSampler
 from chameleon_lite.data.sequences import Document, SequenceBuilder
 from chameleon_lite.data.shapes import CATEGORIES, CaptionParseError, canonical_caption, parse_caption
@@ -203,6 +204,11 @@ class ChameleonDataModule(L.LightningDataModule):
                         100 * stats.real_fraction, mean, _tighter_seq_len(cfg.seq_len, mean))
         if stats.rejected_documents:
             self.skipped["document longer than seq_len (data.overflow=reject)"] += stats.rejected_documents
+        if stats.no_loss_documents:
+            self.skipped[REASON_NO_LOSS] += stats.no_loss_documents
+            log.warning("%d documents or split chunks hold no loss token (all prompt under data.loss_on=%s) and are "
+                        "left out; with data.overflow=split a long prompt can fill a whole chunk: raise data.seq_len "
+                        "or use data.loss_on=all", stats.no_loss_documents, cfg.loss_on)
 
     def train_dataloader(self) -> ResumableDataLoader | ShardLoader:
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)

@@ -37,7 +37,10 @@ class PackedDataset(Dataset):
         self.stats: dict[int, PackingStats] = {}
         rows0 = self.rows(0)
         if not rows0:
-            raise ValueError("the training data produced no documents: check data.* (empty dataset?)")
+            no_loss = self.stats[0].no_loss_documents
+            raise ValueError(f"the data produced no rows: all {no_loss} documents hold no loss token (check "
+                             "data.loss_on and data.tasks)" if no_loss else
+                             "the training data produced no documents: check data.* (empty dataset?)")
         longest = max(len(r.doc_lens) for r in rows0)
         self.max_docs = max_docs or max(longest * 2, 8)
 

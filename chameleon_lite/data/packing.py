@@ -6,9 +6,13 @@ row ends full (see ``_choose``). Compared with greedy
 first-come packing this leaves far fewer padding tokens at row ends (measured by
 ``benchmarks/bench_packing.py``) while staying deterministic for a given input order.
 
-Every input token lands in exactly one row. A document longer than ``seq_len`` is either split
+Every input token lands in exactly one row (but see below). A document longer than ``seq_len`` is either split
 into ``seq_len`` chunks (``overflow="split"``; each chunk restarts its positions) or rejected
 (``overflow="reject"``); both are counted in :class:`PackingStats`, never dropped silently.
+A document or split chunk without a single loss token (``Document.has_loss``: all prompt, e.g. the
+image half of a caption document split at ``seq_len`` under ``data.loss_on=completion``) is left out
+and counted: attention never crosses documents, so it could only cost compute, and a micro-batch of
+such rows would have no loss to take.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ import torch
 from chameleon_lite.data.sequences import IGNORE_INDEX, Document
 
 Overflow = Literal["split", "reject"]
+#: The skip reason data sources report for `PackingStats.no_loss_documents`.
+REASON_NO_LOSS = "document or split chunk without a loss token (all prompt; see data.loss_on, data.overflow)"
 
 
 class DocumentTooLongError(ValueError):
@@ -37,6 +43,7 @@ class PackingStats:
     split_documents: int = 0
     rejected_documents: int = 0
     rejected_lengths: list[int] = field(default_factory=list)
+    no_loss_documents: int = 0  # documents or split chunks left out: no loss token in them
 
     @property
     def real_fraction(self) -> float:
@@ -156,9 +163,14 @@ def pack_documents(docs: Iterable[Document], seq_len: int, pad_id: int, overflow
                 stats.rejected_lengths.append(len(doc))
                 continue
             stats.split_documents += 1
-            buffer.extend(_chunks(doc, seq_len))
+            pieces = _chunks(doc, seq_len)
         else:
-            buffer.append(doc)
+            pieces = [doc]
+        for piece in pieces:
+            if piece.has_loss():
+                buffer.append(piece)
+            else:
+                stats.no_loss_documents += 1
         while len(buffer) >= lookahead:
             yield from place_from_buffer()
     while buffer:

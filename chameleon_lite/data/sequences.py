@@ -61,6 +61,10 @@ class Document:
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
 
+    def has_loss(self) -> bool:
+        """Whether any position has a label (`labels` is not all IGNORE_INDEX)."""
+        return bool(self.loss_mask[1:].any())
+
     def labels(self) -> np.ndarray:
         """Next-token labels aligned with ``input_ids``: labels[t] = ids[t+1] where that is a target."""
         labels = np.full(len(self), IGNORE_INDEX, dtype=np.int64)

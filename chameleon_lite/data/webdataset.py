@@ -61,7 +61,7 @@ from chameleon_lite.data.jsonl import (
     image_reason,
     parse_segments,
 )
-from chameleon_lite.data.packing import PackedRow, PackingStats, pack_documents
+from chameleon_lite.data.packing import REASON_NO_LOSS, PackedRow, PackingStats, pack_documents
 from chameleon_lite.data.sequences import Document, ImageSegment, TextSegment
 from chameleon_lite.multimodal_tokenizer import MultimodalTokenizer
 from chameleon_lite.vq.image_io import ImageLoadError, load_image
@@ -241,16 +241,21 @@ class ShardStream(IterableDataset):
         for pass_index in count():
             rng = np.random.default_rng([self.seed, self.epoch, slot, pass_index])
             shards = self._pass_shards(rng, slot, n_slots)
-            stats = PackingStats()
+            stats, no_loss = PackingStats(), 0
             for row in pack_documents(self._documents(shards, rng, report, replay), self.seq_len,
                                       self.tok.vocab.pad_id, self.overflow, self.lookahead, stats):
+                if stats.no_loss_documents > no_loss:  # counted with the row that follows them
+                    report.skipped[REASON_NO_LOSS] += stats.no_loss_documents - no_loss
+                    no_loss = stats.no_loss_documents
                 if replay.active:
                     replay.row_skipped()
                 else:
                     yield row
-            if not stats.documents:
+            if not stats.rows:
+                why = (f"{stats.no_loss_documents} documents without a loss token (data.loss_on={self.builder.loss_on})"
+                       if stats.no_loss_documents else "the skipped-sample warnings")
                 raise ValueError(f"data.{self.key}: a whole pass over {len(shards)} shards ({shards[0]}, ...) gave no "
-                                 "usable sample (see the skipped-sample warnings); fix or replace the shards")
+                                 f"usable sample (see {why}); fix or replace the shards")
 
     def _pass_shards(self, rng: np.random.Generator, slot: int, n_slots: int) -> list[str]:
         if self.resample:

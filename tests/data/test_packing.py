@@ -74,3 +74,23 @@ def test_to_tensors_pads_doc_lens():
     assert t["doc_lens"].tolist() == [6, 5, 5, 0] or t["doc_lens"].sum() == 16
     with pytest.raises(ValueError, match="max_docs"):
         rows[0].to_tensors(max_docs=1)
+
+
+def test_chunks_and_documents_without_a_loss_token_are_left_out_and_counted():
+    # A caption document under loss_on=completion: a 300-token prompt (no loss) then a 20-token completion,
+    # split at 128 -> two all-prompt chunks and one chunk holding the completion; plus an all-prompt document.
+    prompt_then_answer = Document(np.arange(1000, 1320), np.r_[np.zeros(300, bool), np.ones(20, bool)])
+    all_prompt = Document(np.arange(2000, 2010), np.zeros(10, bool))
+    plain = make_docs([30], start=3000)[0]
+    stats = PackingStats()
+    rows = list(pack_documents([prompt_then_answer, all_prompt, plain], 128, 0, overflow="split", stats=stats))
+    assert stats.no_loss_documents == 3 and stats.split_documents == 1
+    assert all((r.labels != IGNORE_INDEX).any() for r in rows)  # no row without a loss token
+    kept = np.concatenate([r.input_ids[r.input_ids != 0] for r in rows])
+    assert sorted(kept.tolist()) == list(range(1256, 1320)) + list(range(3000, 3030))
+    labels = np.concatenate([r.labels for r in rows])
+    assert sorted(labels[labels != IGNORE_INDEX].tolist()) == list(range(1300, 1320)) + list(range(3001, 3030))
+    # whole documents without loss tokens only: nothing to pack, everything counted
+    none = PackingStats()
+    assert list(pack_documents([all_prompt, all_prompt], 128, 0, stats=none)) == []
+    assert none.no_loss_documents == 2 and none.rows == 0

@@ -21,7 +21,8 @@ from chameleon_lite.config import TOKENIZERS_DIR, ConfigError, compose_config
 from chameleon_lite.data import jsonl
 from chameleon_lite.data import webdataset as source
 from chameleon_lite.data.datamodule import ChameleonDataModule, task_weights
-from chameleon_lite.data.sequences import ImageSegment, TextSegment
+from chameleon_lite.data.packing import REASON_NO_LOSS
+from chameleon_lite.data.sequences import IGNORE_INDEX, ImageSegment, TextSegment
 from chameleon_lite.data.shapes import ShapesWorld
 from chameleon_lite.data.webdataset import ShardSampleError, shard_loader, shard_urls
 from chameleon_lite.multimodal_tokenizer import MultimodalTokenizer
@@ -178,6 +179,17 @@ def test_bad_sample_is_counted_and_logged_or_strict_raises(case, members, reason
         list(loader(data_cfg(str(shard), "data.batch_size=1", "data.strict=true"), tok, rows=1))
     message = str(err.value)
     assert f"{shard}:bad" in message and fix in message and "data.strict" in message
+
+
+def test_chunks_without_a_loss_token_are_counted_not_packed(corpus, tok):
+    # caption documents (64 image codes of prompt, then the caption) split at 48 tokens under loss_on=completion:
+    # each first chunk is all prompt, left out and counted; every row keeps a label
+    skipped: Counter = Counter()
+    cfg = data_cfg(corpus.pattern, "data.tasks={t2i: 0, caption: 1}", "data.loss_on=completion",
+                   "data.seq_len=48", "data.overflow=split")
+    batches = list(loader(cfg, tok, rows=8, skipped=skipped))
+    assert skipped[REASON_NO_LOSS] >= 4
+    assert all((row != IGNORE_INDEX).any() for batch in batches for row in batch["labels"])
 
 
 def test_unreadable_shard_is_counted(corpus, tmp_path, tok):

@@ -35,6 +35,8 @@ from chameleon_lite.config import ConfigError
 from chameleon_lite.data import jsonl
 from chameleon_lite.data.datamodule import ChameleonDataModule
 from chameleon_lite.data.jsonl import JsonlCacheError, JsonlRecordError
+from chameleon_lite.data.packing import REASON_NO_LOSS
+from chameleon_lite.data.sequences import IGNORE_INDEX
 from chameleon_lite.train.module import ChameleonLightningModule
 from chameleon_lite.vocab import UnifiedVocab, VocabError, VocabMismatchError
 
@@ -200,6 +202,23 @@ def test_overflow_split_keeps_the_long_document_in_chunks(tmp_path, tmp_path_fac
     long_doc = next(line for case, line, _ in BAD if case == "longer_than_seq_len")
     dm = datamodule(tmp_path_factory.getbasetemp(), write_corpus(tmp_path, [GOOD[0], long_doc]), "data.overflow=split")
     assert not dm.skipped and dm.train_set.stats[0].split_documents == 1
+
+
+def test_chunks_without_a_loss_token_are_left_out_so_training_never_meets_an_empty_micro_batch(tmp_path,
+                                                                                               tmp_path_factory):
+    # Caption documents under loss_on=completion split at 16 tokens: the first chunk (<bos> <boi> and 14 of the
+    # 16 image codes) is all prompt. Kept, a batch of one such row had no label and stopped the run in lm_loss.
+    data = ["data.overflow=split", "data.seq_len=16", "data.loss_on=completion", "data.tasks={t2i: 0, caption: 1}",
+            "data.batch_size=1"]
+    corpus = write_corpus(tmp_path, GOOD)
+    result = train(compose_config("train", jsonl_overrides(tmp_path_factory.getbasetemp(), tmp_path / "run", corpus,
+                                                           *data, "trainer.max_steps=4")))
+    assert result["global_step"] == 4
+    dm = datamodule(tmp_path_factory.getbasetemp(), corpus, *data)
+    stats = dm.train_set.stats[0]
+    assert stats.split_documents == len(GOOD) and stats.no_loss_documents >= len(GOOD) - 1
+    assert dm.skipped == Counter({REASON_NO_LOSS: stats.no_loss_documents})
+    assert all((dm.train_set[k]["labels"] != IGNORE_INDEX).any() for k in range(len(dm.train_set)))
 
 
 def test_a_file_with_no_usable_record_is_an_error_with_the_counts(tmp_path, tmp_path_factory):
