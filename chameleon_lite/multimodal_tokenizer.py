@@ -9,8 +9,8 @@ instead of producing garbage ids mid-training.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 

@@ -4,7 +4,7 @@ import pytest
 
 from chameleon_lite.text_tokenizer import TextTokenizerError, iter_text_files, train_text_tokenizer
 
-WORDS = "a red blue green circle square triangle left of right above below and two three four".split()
+WORDS = ["a", "red", "blue", "green", "circle", "square", "triangle", "left", "of", "right", "above", "below", "and", "two", "three", "four"]
 
 
 @pytest.fixture(scope="module")

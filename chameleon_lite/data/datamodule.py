@@ -20,8 +20,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from chameleon_lite.config import ConfigError
 from chameleon_lite.data.jsonl import JsonlCache, check_jsonl_config, load_or_build_jsonl_cache
-from chameleon_lite.data.packing import REASON_NO_LOSS
 from chameleon_lite.data.packed_dataset import PackedDataset, ResumableDataLoader, ResumableRowSampler
+from chameleon_lite.data.packing import REASON_NO_LOSS
 from chameleon_lite.data.sequences import Document, SequenceBuilder
 from chameleon_lite.data.shapes import CATEGORIES, CaptionParseError, canonical_caption, parse_caption
 from chameleon_lite.data.token_cache import TokenCache, load_or_build_shapes_cache
@@ -257,9 +257,9 @@ class ChameleonDataModule(L.LightningDataModule):
     def _load_caches(self, tok: MultimodalTokenizer) -> tuple[TokenCache | JsonlCache, TokenCache | JsonlCache]:
         cfg = self.cfg
         if cfg.source == "shapes":
-            common = dict(cache_dir=Path(cfg.cache_dir), vq_dir=self.tokenizer_dir, image_tokenizer=tok.image,
-                          seed=cfg.seed, image_size=cfg.image_size, holdout_pairs=cfg.holdout_pairs,
-                          layout=cfg.layout, val_holdout_pairs=cfg.get("val_holdout_pairs", ()))
+            common = {"cache_dir": Path(cfg.cache_dir), "vq_dir": self.tokenizer_dir, "image_tokenizer": tok.image,
+                      "seed": cfg.seed, "image_size": cfg.image_size, "holdout_pairs": cfg.holdout_pairs,
+                      "layout": cfg.layout, "val_holdout_pairs": cfg.get("val_holdout_pairs", ())}
             common["relation_captions"] = self.caption_target == "relation"
             return (load_or_build_shapes_cache(split="train", n=cfg.n_train,
                                                category_weights=shapes_category_weights(cfg), **common),

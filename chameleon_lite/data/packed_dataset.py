@@ -12,8 +12,7 @@ done here (row ``r`` goes to rank ``r % world_size``), so the trainer runs with
 from __future__ import annotations
 
 import logging
-from functools import lru_cache
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -35,6 +34,7 @@ class PackedDataset(Dataset):
         self.overflow = overflow
         self.lookahead = lookahead
         self.stats: dict[int, PackingStats] = {}
+        self._rows: dict[int, list[PackedRow]] = {}
         rows0 = self.rows(0)
         if not rows0:
             no_loss = self.stats[0].no_loss_documents
@@ -44,13 +44,19 @@ class PackedDataset(Dataset):
         longest = max(len(r.doc_lens) for r in rows0)
         self.max_docs = max_docs or max(longest * 2, 8)
 
-    @lru_cache(maxsize=2)
     def rows(self, epoch: int) -> list[PackedRow]:
-        stats = PackingStats()
-        rows = list(pack_documents(self.make_documents(epoch), self.seq_len, self.pad_id, self.overflow,
-                                   self.lookahead, stats))
-        self.stats[epoch] = stats
-        return rows
+        """The packed rows of ``epoch``, built once; kept: epoch 0 (it sizes the epoch) and the latest other.
+        (A per-instance cache: a method-level ``lru_cache`` would be shared by the train and val sets and
+        evict one for the other at every validation.)"""
+        if epoch not in self._rows:
+            stats = PackingStats()
+            rows = list(pack_documents(self.make_documents(epoch), self.seq_len, self.pad_id, self.overflow,
+                                       self.lookahead, stats))
+            self.stats[epoch] = stats
+            for old in [e for e in self._rows if e != 0]:
+                del self._rows[old]
+            self._rows[epoch] = rows
+        return self._rows[epoch]
 
     def rows_per_epoch(self) -> int:
         return len(self.rows(0))

@@ -17,8 +17,9 @@ such rows would have no loss to take.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Literal
+from typing import Literal
 
 import numpy as np
 import torch

@@ -20,8 +20,9 @@ Results, session 9). ``caption_cfg_scale`` guides against that prior, so it has 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Sequence, Union
+from typing import Literal
 
 import numpy as np
 import torch
@@ -43,7 +44,7 @@ class ImageSegment:
     codes: torch.Tensor  # (N,) or (h, w) VQ codebook indices, int
 
 
-Segment = Union[TextSegment, ImageSegment]
+Segment = TextSegment | ImageSegment
 
 
 @dataclass

@@ -51,8 +51,8 @@ def evaluate_perplexity(model: ChameleonLM, vocab: UnifiedVocab, loader, max_bat
             sums[name] += float(token_ce[mask].sum())
             counts[name] += int(mask.sum())
     result = {}
-    for name in sums:
+    for name, total in sums.items():
         if counts[name]:
-            ce = sums[name] / counts[name]
+            ce = total / counts[name]
             result[name] = {"ce": ce, "perplexity": math.exp(ce), "tokens": counts[name]}
     return result
