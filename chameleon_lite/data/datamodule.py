@@ -158,6 +158,10 @@ class ChameleonDataModule(L.LightningDataModule):
         self.caption_target = check_caption_target(data)
         if data.source == "shapes":
             shapes_category_weights(data)
+        # The data settings as trained (``data.batch_size`` as ``data.batch_tokens`` re-derived it, which Hydra's
+        # .hydra/config.yaml, written before, cannot show): Lightning logs them beside the module's hparams
+        # (hparams.yaml, TensorBoard, W&B) and keeps them in checkpoints.
+        self.save_hyperparameters({"data": OmegaConf.to_container(data, resolve=True)})
 
     # ------------------------------------------------------------------ Lightning hooks
     def prepare_data(self) -> None:

@@ -151,3 +151,14 @@ def test_bad_accumulate_grad_batches_is_named_before_any_work(tiny_train_cfg, va
 
     with pytest.raises(ConfigError, match=r"trainer.accumulate_grad_batches=.* is invalid: expected an int >= 1"):
         train(tiny_train_cfg(f"trainer.accumulate_grad_batches={value}"))
+
+
+def test_logged_hparams_hold_the_batch_size_batch_tokens_derived(tiny_train_cfg, tmp_path):
+    import yaml
+
+    cfg = tiny_train_cfg("data.batch_tokens=512", "data.batch_size=7", f"run_dir={tmp_path / 'run'}")
+    train(cfg)
+    hparams = yaml.safe_load((tmp_path / "run" / "logs" / "hparams.yaml").read_text())
+    assert hparams["data"]["batch_size"] == 512 // cfg.data.seq_len and hparams["data"]["batch_tokens"] == 512
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)  # plain types only
+    assert ckpt["datamodule_hyper_parameters"]["data"]["batch_size"] == 512 // cfg.data.seq_len
