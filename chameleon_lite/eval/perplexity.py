@@ -36,12 +36,14 @@ def validation_loader(data_cfg, tok, seq_len: int, batch_size: int = 4) -> DataL
 @torch.inference_mode()
 def evaluate_perplexity(model: ChameleonLM, vocab: UnifiedVocab, loader, max_batches: int | None = None) -> dict:
     """exp(mean CE) over all counted tokens, over text-target and over image-target tokens."""
-    image_ids = vocab.image_mask()
+    device = next(model.parameters()).device  # the loader yields CPU tensors (`chameleon-eval device=cuda`)
+    image_ids = vocab.image_mask(device)
     sums = {"all": 0.0, "text": 0.0, "image": 0.0}
     counts = {"all": 0, "text": 0, "image": 0}
     for k, batch in enumerate(tqdm(loader, desc="perplexity", unit="batch", total=max_batches)):
         if max_batches is not None and k >= max_batches:
             break
+        batch = {k: v.to(device) for k, v in batch.items()}
         logits = model(batch["input_ids"], positions=batch["positions"], doc_lens=batch["doc_lens"])
         labels = batch["labels"]
         token_ce = lm_loss(logits, labels, 0.0, IGNORE_INDEX).token_ce

@@ -114,6 +114,9 @@ class Generator:
                              negative_scale: float = 1.0) -> torch.Tensor:
         """`generate_images` before decoding: VQ codes (len(prompts) * n, h, w)."""
         _check_candidates(candidates)
+        if isinstance(prompts, str):
+            raise TypeError(f"prompts={prompts!r} is one string: pass a list of prompts, e.g. [{prompts!r}] "
+                             "(a string would be read as one prompt per character)")
         k = n * candidates
         ids = [self.builder.t2i_prompt(p) for p in prompts for _ in range(k)]
         negatives = None

@@ -55,7 +55,7 @@ def mask_top_k_top_p(logits: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
     sorted_logits = sorted_logits.masked_fill(ranks >= k[:, None], float("-inf"))
     probs = sorted_logits.softmax(dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs  # probability of the strictly better-ranked ids
-    drop = (mass_before > top_p[:, None]) & (top_p[:, None] < 1.0)  # p = 1 never drops (cumsum rounding)
+    drop = (mass_before >= top_p[:, None]) & (top_p[:, None] < 1.0)  # p = 1 never drops (cumsum rounding)
     n_keep = torch.minimum((~drop).sum(dim=-1), k)  # >= 1: rank 0 has mass_before 0
     cutoff = sorted_logits.gather(-1, (n_keep - 1)[:, None])  # (B, 1)
     return logits.masked_fill(logits < cutoff, float("-inf"))

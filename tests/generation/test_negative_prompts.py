@@ -45,3 +45,8 @@ def test_negative_prompts_need_classifier_free_guidance(tiny_generator):
     gen = tiny_generator
     with pytest.raises(ValueError, match="negative_scale needs cfg_scale"):
         gen.generate_images(PROMPTS, cfg_scale=None, negative_prompts=["a", "b"])
+
+
+def test_one_string_as_prompts_is_refused_not_read_per_character(tiny_generator):
+    with pytest.raises(TypeError, match=r"one string: pass a list of prompts, e.g. \['a red circle'\]"):
+        tiny_generator.generate_images("a red circle")

@@ -60,3 +60,12 @@ def test_gumbel_noise_is_finite_and_reproducible():
     assert torch.isfinite(draw[0]).all()
     assert torch.equal(draw[0], draw[1]) and not torch.equal(draw[0], draw[2])
     assert draw[0].mean().item() == pytest.approx(0.5772, abs=0.02)  # Euler-Mascheroni
+
+
+def test_top_p_keeps_the_smallest_prefix_reaching_p_exactly():
+    logits = torch.tensor([[0.0, -1.0, -2.0, -3.0]])
+    first = float(logits.softmax(-1)[0, 0])  # rank 0 alone holds exactly top_p: nothing else is needed
+    out = mask_top_k_top_p(logits, top_k=torch.tensor([0]), top_p=torch.tensor([first]))
+    assert torch.isfinite(out).tolist() == [[True, False, False, False]]
+    out = mask_top_k_top_p(logits, top_k=torch.tensor([0]), top_p=torch.tensor([first + 1e-3]))
+    assert torch.isfinite(out).tolist() == [[True, True, False, False]]
