@@ -47,6 +47,10 @@ def run_geneval(gen, world: ShapesWorld, n_prompts: int, images_per_prompt: int,
     make them (`scene_search.EDITS`); 0 = plain classifier-free guidance."""
     records, examples = [], []
     samples = [world[i] for i in range(n_prompts)]
+    # Sampling seeds: `generate_images` seeds each batch with seed + its first row, so a chunk's base seed moves
+    # by the rows drawn per prompt: every batch of the run gets its own seed (seed + start once gave 404 pairs of
+    # different prompts the same noise stream at the defaults).
+    rows = images_per_prompt * candidates
     for start in tqdm(range(0, n_prompts, batch_prompts), desc="geneval", unit="prompts"):
         chunk = samples[start:start + batch_prompts]
         negatives = None
@@ -54,7 +58,7 @@ def run_geneval(gen, world: ShapesWorld, n_prompts: int, images_per_prompt: int,
             negatives = [[canonical_caption(n) for n in neighbours(s.spec, negative_edits) or [s.spec]]
                          for s in chunk]
         images = to_uint8(gen.generate_images([s.caption for s in chunk], n=images_per_prompt, cfg_scale=cfg_scale,
-                                              temperature=temperature, top_k=top_k, seed=seed + start,
+                                              temperature=temperature, top_k=top_k, seed=seed + start * rows,
                                               candidates=candidates, negative_prompts=negatives,
                                               negative_scale=negative_scale))
         for k, image in enumerate(images):
