@@ -73,7 +73,9 @@ def test_eval_tasks_write_json_markdown_grid(tiny_checkpoint, tmp_path, task):
         assert res["summary"]["heldout"]["n"] == 2 and 0.0 <= res["summary"]["heldout"]["image"]["exact"] <= 1.0
     elif task != "perplexity":
         assert (tmp_path / f"{task}_examples.png").is_file()
-        assert 0.0 <= res["summary"]["overall"]["accuracy" if task == "geneval" else "exact"] <= 1.0
+        metric = "accuracy" if task == "geneval" else "exact"
+        assert 0.0 <= res["summary"]["overall"][metric] <= 1.0
+        assert 0.0 < written["summary"]["stderr"]["overall"][metric] <= 0.5 and " s.e. |" in res["table"]
     else:
         assert res["summary"]["image"]["perplexity"] > 1.0
 

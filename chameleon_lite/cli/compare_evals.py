@@ -6,7 +6,8 @@
 Each ``-g LABEL PATTERN...`` is one group: globs of result files (``caption.json``, ``geneval.json``) or
 of the eval directories holding one (a label given twice adds to its group). Prints a Markdown table
 with one row per group: the number of runs and the headline metric (GenEval accuracy, caption exact
-match) overall, on seen and on held-out colour-shape pairs, as mean (min-max). A group must hold one
+match) overall, on seen and on held-out colour-shape pairs, as mean (min-max), and the standard error of
+one eval's overall figure (mean over the group's runs; sampling noise and the draw of prompts). A group must hold one
 task on one split under one protocol (the ``settings`` and ``data`` recorded in each JSON): otherwise
 the error names the files that differ, since their figures would not be comparable.
 """
@@ -21,6 +22,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+#: The column with the mean standard error of one eval's overall figure.
+STDERR_HEADER = "s.e. of one eval"  # (older results: recomputed from their records)
 #: task -> (metric in the summary, its name in the table)
 METRICS = {"geneval": ("accuracy", "GenEval accuracy"), "caption": ("exact", "caption exact match")}
 
@@ -78,6 +81,17 @@ def check_protocol(label: str, runs: list[tuple[Path, dict[str, Any]]]) -> list[
     return [path for path, result in runs if "split" not in result or "settings" not in result]
 
 
+def _stderr(result: dict[str, Any], metric: str) -> float | None:
+    """The standard error of a result's overall figure: recorded since 2026-11-24, recomputed from the
+    per-record scores of older results (`aggregate` on the same records and clusters)."""
+    from chameleon_lite.eval.scoring import CLUSTER_OF_TASK, aggregate
+
+    recorded = result["summary"].get("stderr", {}).get("overall", {}).get(metric)
+    if recorded is not None or not result.get("records"):
+        return recorded
+    return aggregate(result["records"], cluster=CLUSTER_OF_TASK[result["task"]])["stderr"]["overall"].get(metric)
+
+
 def summarise(label: str, runs: list[tuple[Path, dict[str, Any]]], per_category: bool = False) -> dict[str, Any]:
     """One table row: mean (min-max) of the task's metric, overall / seen / held-out (and per category);
     a cell that only some runs have says how many."""
@@ -105,6 +119,11 @@ def summarise(label: str, runs: list[tuple[Path, dict[str, Any]]], per_category:
             f"{values[0]:.3f}" if len(values) == 1 else
             f"{statistics.mean(values):.3f} ({min(values):.3f}-{max(values):.3f})")
         row[column] = cell if len(values) in (0, len(runs)) else f"{cell} [{len(values)} of {len(runs)} runs]"
+    errors = [_stderr(result, metric) for _, result in runs]
+    errors = [e for e in errors if e is not None]
+    if errors:  # what one eval's figure is worth: differences well inside it are noise
+        row[STDERR_HEADER] = f"{statistics.mean(errors):.3f}" + ("" if len(errors) == len(runs) else
+                                                                 f" [{len(errors)} of {len(runs)} runs]")
     return row
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from chameleon_lite.config import ConfigError, hydra_app, require, resolve_path
-from chameleon_lite.eval.report import category_rows, markdown_table, write_report
+from chameleon_lite.eval.report import STDERR_COLUMN, category_rows, markdown_table, write_report
 
 log = logging.getLogger(__name__)
 TASKS = ("geneval", "caption", "perplexity", "composition", "vq")
@@ -129,7 +129,7 @@ def evaluate(cfg: DictConfig) -> dict:
                                                  candidates=cfg.image_candidates,
                                                  negative_scale=cfg.image_negative_scale,
                                                  negative_edits=list(cfg.image_negative_edits))
-        table = markdown_table(category_rows(summary, ["accuracy"]), ["category", "n", "accuracy"])
+        table = markdown_table(category_rows(summary, ["accuracy"]), ["category", "n", "accuracy", STDERR_COLUMN])
     elif cfg.task == "caption":
         from chameleon_lite.eval.captioning import run_captioning
 
@@ -143,7 +143,7 @@ def evaluate(cfg: DictConfig) -> dict:
                                                     search_rounds=cfg.scene_search.rounds,
                                                     search_caption_weight=cfg.scene_search.caption_weight)
         keys = ["exact", "shape", "colour", "count", "relation"]
-        table = markdown_table(category_rows(summary, keys), ["category", "n", *keys])
+        table = markdown_table(category_rows(summary, keys), ["category", "n", "exact", STDERR_COLUMN, *keys[1:]])
     elif cfg.task == "composition":
         from chameleon_lite.eval.composition import METRICS, probe_rows, run_composition_probe
 

@@ -20,7 +20,7 @@ from chameleon_lite.data.shapes import (
     parse_caption,
 )
 from chameleon_lite.eval.scene_search import search_scenes
-from chameleon_lite.eval.scoring import aggregate, score_caption
+from chameleon_lite.eval.scoring import CLUSTER_OF_TASK, aggregate, score_caption
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def run_captioning(gen, world: ShapesWorld, n_images: int, temperature: float, s
         if search_rounds:
             records[-1]["sampled"] = first
         examples.append((sample.image, f"{'OK' if score['exact'] else 'X'} {caption}"))
-    return aggregate(records, key="category"), records, examples
+    return aggregate(records, key="category", cluster=CLUSTER_OF_TASK["caption"]), records, examples
 
 
 def search_captions(gen, images, captions: list[str], rounds: int, caption_weight: float = SEARCH_CAPTION_WEIGHT,

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from chameleon_lite.data.shapes import ShapesWorld, canonical_caption, detect_objects
 from chameleon_lite.eval.scene_search import EDITS, neighbours
-from chameleon_lite.eval.scoring import aggregate, score_generated_image
+from chameleon_lite.eval.scoring import CLUSTER_OF_TASK, aggregate, score_generated_image
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -67,4 +67,4 @@ def run_geneval(gen, world: ShapesWorld, n_prompts: int, images_per_prompt: int,
             records.append({"prompt": sample.caption, "category": sample.category, "heldout": sample.heldout,
                             "correct": bool(score["correct"]), "reading": describe_detections(image)})
             examples.append((image, f"{'OK' if score['correct'] else 'X'} {sample.caption}\nsaw: {records[-1]['reading']}"))
-    return aggregate(records, key="category"), records, examples
+    return aggregate(records, key="category", cluster=CLUSTER_OF_TASK["geneval"]), records, examples

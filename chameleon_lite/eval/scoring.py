@@ -105,8 +105,31 @@ def score_caption(predicted_caption: str, sample: ShapesSample) -> dict[str, boo
     }
 
 
-def aggregate(records: Iterable[Mapping[str, Any]], key: str = "category") -> dict[str, Any]:
-    """Accuracies of every boolean field of `records`, per value of `key` and overall.
+#: task -> the record field whose equal values are one draw for `aggregate`'s standard errors (GenEval: the
+#: images of one prompt; captions: every image is its own draw).
+CLUSTER_OF_TASK: dict[str, str | None] = {"geneval": "prompt", "caption": None}
+
+
+def _stderr_of_mean_over_groups(cells: Mapping[str, Mapping[Any, tuple[int, int]]]) -> float:
+    """Standard error of (1/G) sum_g acc_g, where group g's accuracy acc_g = sum_k hits_gk / sum_k n_gk pools
+    its clusters k (records that share a cluster, e.g. the images drawn for one prompt, are not independent).
+    Per group, the linearised variance of that ratio over clusters: K/(K-1) sum_k (hits_k - acc n_k)^2 / N^2;
+    a group of one cluster, whose spread cannot be estimated, counts the largest variance a [0, 1] mean can
+    have (1/4). Groups are independent; the result is sqrt(sum_g var_g) / G."""
+    variance = 0.0
+    for clusters in cells.values():
+        hits, n = (np.array(v, dtype=float) for v in zip(*clusters.values()))
+        if len(n) < 2:
+            variance += 0.25
+            continue
+        acc = hits.sum() / n.sum()
+        variance += len(n) / (len(n) - 1) * float(((hits - acc * n) ** 2).sum()) / float(n.sum()) ** 2
+    return float(np.sqrt(variance)) / len(cells)
+
+
+def aggregate(records: Iterable[Mapping[str, Any]], key: str = "category",
+              cluster: str | None = None) -> dict[str, Any]:
+    """Accuracies of every boolean field of `records`, per value of `key` and overall, with standard errors.
 
     Metrics are the fields holding a bool, other than `key` and "heldout"; "correct" (from
     `score_generated_image`) is reported as "accuracy". A record lacking a metric, or holding None
@@ -116,14 +139,19 @@ def aggregate(records: Iterable[Mapping[str, Any]], key: str = "category") -> di
        "heldout": {...}, "seen": {...}}   (the same as "overall", restricted to records whose
                                            "heldout" is truthy / falsy; just {"n": 0} when empty)
     "overall" weighs every `key` value (category) equally, GenEval's convention.
+    "stderr": {"overall" | "heldout" | "seen": {metric: standard error of that mean}}: how far a re-run with
+    fresh samples (and prompts drawn afresh from the same world) would typically land. `cluster` names the
+    field whose equal values are one draw (geneval: "prompt", its images share it); None: every record is one.
     """
     records = list(records)
 
-    def summarise(subset: list[Mapping[str, Any]]) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    def summarise(subset: list[Mapping[str, Any]]) -> tuple[dict[str, dict[str, Any]], dict[str, Any],
+                                                             dict[str, float]]:
         hits: dict[str, Counter[str]] = {}
         totals: dict[str, Counter[str]] = {}
         sizes: Counter[str] = Counter()
-        for record in subset:
+        cells: dict[str, dict[str, dict[Any, list[int]]]] = {}  # metric -> group -> cluster -> [hits, n]
+        for index, record in enumerate(subset):
             group = str(record[key])
             sizes[group] += 1
             for field, value in record.items():
@@ -131,6 +159,10 @@ def aggregate(records: Iterable[Mapping[str, Any]], key: str = "category") -> di
                     metric = "accuracy" if field == "correct" else field
                     hits.setdefault(group, Counter())[metric] += value
                     totals.setdefault(group, Counter())[metric] += 1
+                    unit = record[cluster] if cluster is not None else index
+                    cell = cells.setdefault(metric, {}).setdefault(group, {}).setdefault(unit, [0, 0])
+                    cell[0] += value
+                    cell[1] += 1
         groups = {
             group: {
                 "n": sizes[group],
@@ -142,12 +174,18 @@ def aggregate(records: Iterable[Mapping[str, Any]], key: str = "category") -> di
         for metric in sorted({m for stats in groups.values() for m in stats if m != "n"}):
             values = [stats[metric] for stats in groups.values() if metric in stats]
             overall[metric] = sum(values) / len(values)
-        return groups, overall
+        stderr = {metric: _stderr_of_mean_over_groups({g: {u: tuple(c) for u, c in units.items()}
+                                                        for g, units in by_group.items()})
+                  for metric, by_group in sorted(cells.items())}
+        return groups, overall, stderr
 
-    groups, overall = summarise(records)
+    groups, overall, stderr = summarise(records)
+    heldout = summarise([r for r in records if r.get("heldout")])
+    seen = summarise([r for r in records if not r.get("heldout")])
     return {
         f"per_{key}": groups,
         "overall": overall,
-        "heldout": summarise([r for r in records if r.get("heldout")])[1],
-        "seen": summarise([r for r in records if not r.get("heldout")])[1],
+        "heldout": heldout[1],
+        "seen": seen[1],
+        "stderr": {"overall": stderr, "heldout": heldout[2], "seen": seen[2]},
     }

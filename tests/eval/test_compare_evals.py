@@ -75,3 +75,19 @@ def test_a_category_only_some_runs_have_says_so(tmp_path):
     path.write_text(json.dumps(result))
     table = main(["-g", "A", f"{tmp_path}/a", f"{tmp_path}/b", "--per-category"])
     assert table.splitlines()[2].endswith("| 0.800 (0.700-0.900) | 0.500 [1 of 2 runs] |")
+
+
+def test_the_stderr_column_is_recorded_or_recomputed_from_older_results_records(tmp_path):
+    from chameleon_lite.eval.scoring import aggregate
+
+    records = [{"prompt": f"p{k // 2}", "category": c, "heldout": False, "correct": (k * 7 + len(c)) % 3 > 0}
+               for c in ("counting", "position") for k in range(12)]  # 6 prompts x 2 images per category
+    summary = aggregate(records, cluster="prompt")
+    for name, keep in (("new", True), ("old", False)):
+        result = {"task": "geneval", "ckpt": name, "split": "test", "settings": {}, "data": {}, "records": records,
+                  "summary": summary if keep else {k: v for k, v in summary.items() if k != "stderr"}}
+        write_report(tmp_path / name, "geneval", result, "")
+    table = main(["-g", "new", f"{tmp_path}/new", "-g", "old", f"{tmp_path}/old"]).splitlines()
+    assert table[0].endswith("| s.e. of one eval |")
+    expected = f"{summary['stderr']['overall']['accuracy']:.3f}"
+    assert table[2].endswith(f"| {expected} |") and table[3].endswith(f"| {expected} |")

@@ -165,9 +165,43 @@ def test_aggregate_weighs_categories_equally_and_splits_heldout():
     rows_of_table = category_rows(summary, ["accuracy"])
     assert [r["category"] for r in rows_of_table] == ["counting", "position", "**overall**", "seen pairs",
                                                       "held-out pairs"]
-    assert rows_of_table[-1] == {"category": "held-out pairs", "n": 1, "accuracy": 0.0}
+    assert rows_of_table[-1] == {"category": "held-out pairs", "n": 1, "accuracy": 0.0, "s.e.": 0.5}  # 1 record
+    assert "s.e." not in rows_of_table[0]  # per-category rows carry none
     no_heldout = aggregate(rows[:9])
     assert [r["category"] for r in category_rows(no_heldout, ["accuracy"])] == ["counting", "**overall**"]
     partial = aggregate([{"kind": "a", "relation": True}, {"kind": "b", "relation": None}], key="kind")
     assert partial["per_kind"] == {"a": {"n": 1, "relation": 1.0}, "b": {"n": 1}}
     assert partial["overall"] == {"n": 2, "relation": 1.0} and partial["heldout"] == {"n": 0}
+
+
+def test_stderr_counts_a_prompts_images_as_one_draw():
+    rows = ([{"category": "a", "heldout": False, "correct": True, "prompt": "p1"}] * 3
+            + [{"category": "a", "heldout": False, "correct": False, "prompt": "p2"}] * 3)
+    # two prompts that disagree completely: the accuracy 0.5 could as well have been 0 or 1
+    assert aggregate(rows, cluster="prompt")["stderr"]["overall"]["accuracy"] == pytest.approx(0.5)
+    # six independent images: sqrt(6/5 * 6 * 0.25 / 36)
+    assert aggregate(rows)["stderr"]["overall"]["accuracy"] == pytest.approx((6 / 5 * 1.5 / 36) ** 0.5)
+    single = aggregate(rows[:3] + [{"category": "b", "heldout": True, "correct": True, "prompt": "p3"}],
+                       cluster="prompt")
+    assert single["stderr"]["heldout"]["accuracy"] == pytest.approx(0.5)  # one prompt: the largest variance, 1/4
+
+
+def test_stderr_matches_the_spread_of_repeated_evals():
+    """Re-run a simulated GenEval (6 categories x 20 prompts x 4 images, prompts of varying difficulty drawn
+    afresh each time) 300 times: the mean reported standard error is the spread of the overall figure."""
+    rng = np.random.default_rng(0)
+    overall, reported = [], []
+    for _ in range(300):
+        rows = []
+        for c in range(6):
+            for p in range(20):
+                q = rng.beta(2.0, 1.0)  # this prompt's chance of a correct image
+                rows += [{"category": str(c), "heldout": False, "correct": bool(rng.random() < q), "prompt": f"{c}-{p}"}
+                         for _ in range(4)]
+        summary = aggregate(rows, cluster="prompt")
+        overall.append(summary["overall"]["accuracy"])
+        reported.append(summary["stderr"]["overall"]["accuracy"])
+    assert 0.85 < np.mean(reported) / np.std(overall) < 1.15
+    # counting the 4 images of a prompt as independent understates it
+    naive = [aggregate([dict(r, prompt=k) for k, r in enumerate(rows)], cluster="prompt")]
+    assert naive[0]["stderr"]["overall"]["accuracy"] < 0.9 * np.mean(reported)
