@@ -22,13 +22,24 @@ from chameleon_lite.files import atomic_path, atomic_write_text
 from chameleon_lite.model import ChameleonLM, ModelConfig
 from chameleon_lite.vocab import UnifiedVocab
 
+#: The head weight of a model with ``tie_embeddings``: the embedding matrix itself, not exported separately.
+TIED_HEAD = "lm_head.weight"
+
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be (safely) loaded."""
 
 
 def safe_torch_load(path: str | os.PathLike) -> dict[str, Any]:
-    """``torch.load`` restricted to tensors and plain containers: a pickle carrying code is refused."""
+    """``torch.load`` restricted to tensors and plain containers: a pickle carrying code is refused, and a
+    file that is no checkpoint at all (a Git LFS pointer, JSON, an image) is named as such."""
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if head.startswith(b"version https://git-lfs"):
+        raise CheckpointError(f"{path}: a Git LFS pointer, not the checkpoint itself: fetch it (git lfs pull)")
+    if not head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save's zip archive, or its legacy pickle format
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint (torch.save writes a zip archive; this file "
+                              f"starts with {head[:16]!r})")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
@@ -43,6 +54,8 @@ def export_weights(module, out_dir: Path, tokenizer_dir: str | os.PathLike) -> P
     """Write ``model.safetensors`` and ``config.json`` for ``module.model`` into ``out_dir``."""
     out_dir = Path(out_dir)
     state = {k: v.detach().contiguous() for k, v in module.model.state_dict().items()}
+    if module.model_config.tie_embeddings:  # one tensor under two names: safetensors stores it once
+        state.pop(TIED_HEAD, None)
     with atomic_path(out_dir / "model.safetensors") as tmp:
         save_file(state, str(tmp))
     meta = {"model": asdict(module.model_config), "vocab": module.vocab.to_dict(),
@@ -83,6 +96,8 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
         raise CheckpointError(f"{path}: incomplete metadata ({err})") from None
     model = ChameleonLM(model_cfg)
     missing, unexpected = model.load_state_dict(state, strict=False)
+    if model_cfg.tie_embeddings:  # the head is the embedding (exports store it once)
+        missing = [k for k in missing if k != TIED_HEAD]
     if missing or unexpected:
         raise CheckpointError(f"{path}: weights do not match the model config (missing {missing[:5]}, "
                               f"unexpected {unexpected[:5]})")

@@ -53,6 +53,9 @@ def train_vq(cfg: DictConfig) -> dict[str, Any]:
     result: dict[str, Any] = {"run_dir": str(run_dir), "global_step": trainer.global_step, "wall_time_s": wall,
                               "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()}}
     if trainer.is_global_zero and cfg.export:
+        if trainer.global_step == 0:  # never overwrite a tokenizer (the shipped one by default) with untrained weights
+            raise RuntimeError(f"training took no step (see the log above), so nothing is exported to "
+                               f"{resolve_path(cfg.out_dir)}")
         provenance = {"command": _command_line(),
                       "steps": trainer.global_step, "fit_wall_time_s": round(wall, 1),
                       "final_metrics": {k: round(v, 4) for k, v in result["metrics"].items()}}

@@ -52,6 +52,14 @@ class StabilityMonitor(L.Callback):
         self.reference: dict[str, float] = {}
         self.warned: set[str] = set()
 
+    # Kept in checkpoints: a run resumed after the warm-up could otherwise never measure its reference again.
+    def state_dict(self) -> dict[str, Any]:
+        return {"reference": dict(self.reference), "warned": sorted(self.warned)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.reference = dict(state_dict.get("reference", {}))
+        self.warned = set(state_dict.get("warned", ()))
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         stats = outputs.get("stability") if isinstance(outputs, dict) else None

@@ -82,7 +82,10 @@ class NonFiniteGuard(L.Callback):
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
         problem, self._bad_loss = self._bad_loss, None
-        if problem is None:
+        # fp16 (`16-mixed`): the GradScaler overflows on purpose now and then, skips that step itself and lowers
+        # its scale; inf gradients are its business there, a non-finite loss still is ours.
+        scaled = getattr(trainer.precision_plugin, "scaler", None) is not None
+        if problem is None and not scaled:
             bad = first_nonfinite((name, p.grad) for name, p in pl_module.named_parameters())
             problem = None if bad is None else f"gradient of {bad}"
         if not trainer.strategy.reduce_boolean_decision(problem is not None, all=False):

@@ -20,9 +20,13 @@ from chameleon_lite.data.sequences import IGNORE_INDEX
 from chameleon_lite.model import ChameleonLM, ModelConfig, head_loss
 from chameleon_lite.vocab import UnifiedVocab
 
+SCHEDULES = ("cosine", "exponential", "constant")
+
 
 def lr_lambda(step: int, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
     """Linear warm-up to 1, then cosine / exponential decay to ``min_ratio`` at ``total`` (or constant)."""
+    if schedule not in SCHEDULES:  # before any early return: a typo fails at construction, not at step `warmup`
+        raise ValueError(f"optim.schedule={schedule!r} is invalid: use {', '.join(SCHEDULES)}")
     if warmup > 0 and step < warmup:
         return (step + 1) / warmup
     if schedule == "constant" or total <= warmup:
@@ -30,9 +34,7 @@ def lr_lambda(step: int, warmup: int, total: int, schedule: str, min_ratio: floa
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     if schedule == "cosine":
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-    if schedule == "exponential":
-        return min_ratio ** progress
-    raise ValueError(f"optim.schedule={schedule!r} is invalid: use cosine, exponential or constant")
+    return min_ratio ** progress  # exponential
 
 
 class ChameleonLightningModule(L.LightningModule):

@@ -21,6 +21,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.v2 import functional as TF
 
+from chameleon_lite.config import ConfigError
 from chameleon_lite.data.shapes import ShapesWorld
 from chameleon_lite.vq.image_io import (
     DEFAULT_MAX_PIXELS,
@@ -164,6 +165,10 @@ class VQDataModule(L.LightningDataModule):
             return
         paths = list_image_folder(self.folder) if self.folder else read_image_jsonl(self.jsonl)
         train, val = split_paths(paths, self.val_length, self.seed)
+        if len(train) < self.batch_size:  # drop_last would leave no training batch: fit would do nothing
+            raise ConfigError(f"data.{self.source}: {len(paths)} images leave {len(train)} for training after "
+                              f"{len(val)} held out for validation, fewer than data.batch_size={self.batch_size}: "
+                              "add images, or lower data.batch_size / data.val_length")
         self.train_set = ImageFileDataset(train, self.image_size, **self.file_options)
         self.val_set = ImageFileDataset(val, self.image_size, **self.file_options)
 

@@ -111,3 +111,24 @@ def test_a_checkpoint_with_non_finite_weights_is_refused_before_writing():
 def test_bad_mode_is_a_config_error_naming_the_key():
     with pytest.raises(ValueError, match="callbacks.nonfinite.on_nonfinite='explode'"):
         NonFiniteGuard(on_nonfinite="explode")
+
+
+def test_fp16_scaler_overflows_are_left_to_the_scaler_but_a_nonfinite_loss_is_not():
+    """Under `16-mixed` the GradScaler overflows now and then on purpose and skips that step itself; the guard
+    (stop mode) must not end the run on such inf gradients. Without a scaler they stop it."""
+    layer = torch.nn.Linear(2, 1)
+    layer.weight.grad = torch.tensor([[math.inf, 0.0]])
+    strategy = SimpleNamespace(reduce_boolean_decision=lambda decision, all: decision)
+
+    def trainer(scaler):
+        return SimpleNamespace(global_step=3, strategy=strategy, checkpoint_callbacks=[], ckpt_path=None,
+                               precision_plugin=SimpleNamespace(scaler=scaler))
+
+    NonFiniteGuard().on_before_optimizer_step(trainer(torch.amp.GradScaler("cpu")), layer, None)
+    assert layer.weight.grad is not None  # untouched: the scaler's step skips it
+    with pytest.raises(NonFiniteError, match="gradient of weight"):
+        NonFiniteGuard().on_before_optimizer_step(trainer(None), layer, None)
+    guard = NonFiniteGuard()
+    guard.on_before_backward(trainer(torch.amp.GradScaler("cpu")), layer, torch.tensor(math.nan))
+    with pytest.raises(NonFiniteError, match="loss"):
+        guard.on_before_optimizer_step(trainer(torch.amp.GradScaler("cpu")), layer, None)

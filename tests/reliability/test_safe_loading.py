@@ -153,3 +153,16 @@ def test_a_hub_id_is_a_missing_local_directory_not_a_download(no_network):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_model("facebook/chameleon-7b")
     assert no_network == []
+
+
+@pytest.mark.parametrize(("content", "match"), [
+    (b"version https://git-lfs.github.com/spec/v1\noid sha256:0123\nsize 42\n", "a Git LFS pointer, not the checkpoint"),
+    (b'{"model": {}}', r"not a PyTorch checkpoint .* starts with b'\{\"model\""),
+    (b"epoch=3 step=100\n", "not a PyTorch checkpoint"),
+    (b"\x89PNG\r\n\x1a\n" + bytes(32), "not a PyTorch checkpoint"),
+])
+def test_a_file_that_is_no_checkpoint_is_named_as_such(content, match, tmp_path):
+    path = tmp_path / "last.ckpt"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=match):
+        load_model(path)

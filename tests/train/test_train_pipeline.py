@@ -34,6 +34,10 @@ def test_train_resume_export(tiny_train_cfg, tmp_path):
     # resume continues the step count from the checkpoint
     result2 = train(tiny_train_cfg("ckpt_path=last", "trainer.max_steps=9"))
     assert result2["global_step"] == 9
+    # the stability monitor's warm-up reference travels with the checkpoint (a resumed run cannot re-measure it)
+    states = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["callbacks"]
+    monitor = next(v for k, v in states.items() if k.startswith("StabilityMonitor"))
+    assert {"stability/hidden_rms", "stability/max_logit_image"} <= set(monitor["reference"])
 
     # exported weights and the Lightning checkpoint load into the same model
     a, vocab_a, _ = load_model(run / "model")
@@ -162,3 +166,18 @@ def test_logged_hparams_hold_the_batch_size_batch_tokens_derived(tiny_train_cfg,
     assert hparams["data"]["batch_size"] == 512 // cfg.data.seq_len and hparams["data"]["batch_tokens"] == 512
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)  # plain types only
     assert ckpt["datamodule_hyper_parameters"]["data"]["batch_size"] == 512 // cfg.data.seq_len
+
+
+def test_a_misspelled_schedule_fails_before_training_not_at_the_end_of_warmup(tiny_train_cfg):
+    with pytest.raises(ValueError, match=r"optim.schedule='cosin' is invalid: use cosine, exponential, constant"):
+        train(tiny_train_cfg("optim.schedule=cosin", "optim.warmup_steps=100"))
+    assert lr_lambda(0, 0, 10, "constant", 0.1) == 1.0  # (constant needs no warm-up)
+
+
+def test_tied_embeddings_export_and_load_back(tiny_train_cfg, tmp_path):
+    result = train(tiny_train_cfg("model.tie_embeddings=true", "trainer.max_steps=2", f"run_dir={tmp_path / 'run'}"))
+    exported, _, _ = load_model(result["weights"])
+    from_ckpt, _, _ = load_model(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    assert exported.lm_head.weight is exported.embed_tokens.weight  # still one tensor
+    for name, value in from_ckpt.state_dict().items():
+        assert torch.equal(exported.state_dict()[name], value), name

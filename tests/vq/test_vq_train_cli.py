@@ -8,6 +8,7 @@ from conftest import compose_config
 from PIL import Image
 
 from chameleon_lite.cli.train_vq import train_vq
+from chameleon_lite.config import ConfigError
 from chameleon_lite.vq import ImageTokenizer
 from chameleon_lite.vq.data import list_image_folder, split_paths
 
@@ -60,3 +61,15 @@ def test_user_folder_with_bad_files_is_skipped_and_counted(tmp_path):
                                          f"run_dir={tmp_path / 'run2'}"])
     with pytest.raises(ValueError, match="broken.jpg|empty.png"):
         train_vq(strict)
+
+
+def test_too_few_images_for_one_batch_is_refused_and_nothing_is_exported(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(6):
+        Image.new("RGB", (32, 32), (40 * i, 100, 200)).save(images / f"ok{i}.png")
+    cfg = compose_config("train_vq", [*TINY_VQ, f"run_dir={tmp_path / 'run'}", f"out_dir={tmp_path / 'tok'}",
+                                      f"data.folder={images}", "data.val_length=2", "data.batch_size=8"])
+    with pytest.raises(ConfigError, match=r"6 images leave 4 for training .* fewer than data.batch_size=8"):
+        train_vq(cfg)
+    assert not (tmp_path / "tok").exists()  # the tokenizer it would have replaced stays as it was
