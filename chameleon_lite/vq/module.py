@@ -65,7 +65,9 @@ class VQModule(L.LightningModule):
     def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
         self.skipped_this_epoch += int(batch["skipped"])
         if batch["images"].shape[0] == 0:
-            # Every file of this batch was bad. A zero loss (rather than None) keeps DDP ranks in step.
+            # Every file of this batch was bad. The quantizer's collectives and a zero loss over every parameter
+            # (rather than None) keep DDP ranks in step with those that had images.
+            self.model.quantize.empty_step()
             return sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
         x = to_model_range(batch["images"])
         recon, quant = self.model(x)

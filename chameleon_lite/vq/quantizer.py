@@ -146,9 +146,26 @@ class VectorQuantizer(nn.Module):
 
     # ---------------------------------------------------------------------- codebook maintenance
     @torch.no_grad()
+    def empty_step(self) -> None:
+        """The codebook side of a training step whose batch held no image (every file of it was bad): the
+        collectives `forward` makes (dead-code broadcast, EMA and hit all-reduces) with nothing counted, so
+        DDP ranks stay in step, and the same ageing of codes; a no-op outside training."""
+        if not self.training:
+            return
+        if self.dead_code_restart:
+            self._restart_dead_codes()
+        weight = self.embedding.weight
+        if self.ema_decay is not None:
+            self._ema_apply(weight.new_zeros(self.codebook_size), weight.new_zeros(self.codebook_size, self.embed_dim))
+        if self.dead_code_restart:
+            self._age_codes(torch.zeros(self.codebook_size, dtype=torch.long, device=weight.device))
+
+    @torch.no_grad()
     def _ema_update(self, z_flat: Tensor, indices: Tensor) -> None:
         onehot = F.one_hot(indices, self.codebook_size).to(z_flat.dtype)  # (N, K)
-        counts, sums = onehot.sum(0), onehot.t() @ z_flat  # (K,), (K, D)
+        self._ema_apply(onehot.sum(0), onehot.t() @ z_flat)  # (K,), (K, D)
+
+    def _ema_apply(self, counts: Tensor, sums: Tensor) -> None:
         if _distributed():
             dist.all_reduce(counts)
             dist.all_reduce(sums)
@@ -164,7 +181,9 @@ class VectorQuantizer(nn.Module):
     def _track_hits(self, z_flat: Tensor, indices: Tensor, errors: Tensor) -> None:
         """Age every code by one step, reset the age of codes hit now; remember some encoder outputs."""
         self._remember(z_flat, errors)
-        hits = torch.bincount(indices, minlength=self.codebook_size)
+        self._age_codes(torch.bincount(indices, minlength=self.codebook_size))
+
+    def _age_codes(self, hits: Tensor) -> None:
         if _distributed():
             dist.all_reduce(hits)
         self.steps_since_hit.add_(1).masked_fill_(hits > 0, 0)

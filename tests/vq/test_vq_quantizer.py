@@ -144,3 +144,29 @@ def test_perplexity_extremes():
     assert math.isclose(code_perplexity(torch.ones(32)), 32.0)
     assert math.isclose(code_perplexity(torch.tensor([0, 9, 0, 0])), 1.0)
     assert code_perplexity(torch.zeros(4)) == 0.0
+
+
+def test_an_empty_batch_makes_the_same_collectives_as_a_full_one(monkeypatch):
+    """Under DDP a rank whose batch lost every image must still join the quantizer's collectives (dead-code
+    broadcast, EMA and hit all-reduces), in the same order and shapes as the ranks that quantized images,
+    or the next collective pairs with the wrong one (a hang). Recorded with a stand-in for torch.distributed."""
+    from chameleon_lite.vq import quantizer as module
+
+    calls = []
+    monkeypatch.setattr(module, "_distributed", lambda: True)
+    monkeypatch.setattr(module.dist, "all_reduce", lambda t, *a, **k: calls.append(("all_reduce", tuple(t.shape))))
+    monkeypatch.setattr(module.dist, "broadcast", lambda t, *a, **k: calls.append(("broadcast", tuple(t.shape))))
+    for ema in (None, 0.9):
+        full = collapsed_quantizer(ema_decay=ema, dead_code_restart=True, dead_code_window=1).train()
+        empty = collapsed_quantizer(ema_decay=ema, dead_code_restart=True, dead_code_window=1).train()
+        z = torch.randn(2, 4, 3, 3)
+        for step in range(3):  # from step 1 on dead codes restart: the broadcast is part of the sequence
+            empty.recent_filled.copy_(full.recent_filled)  # what decides a restart is in step on every rank
+            empty.steps_since_hit.copy_(full.steps_since_hit)
+            calls.clear()
+            full(z)
+            expected = list(calls)
+            calls.clear()
+            empty.empty_step()
+            assert calls == expected, (ema, step)
+        assert expected[0][0] == "broadcast"
