@@ -7,7 +7,7 @@ Lightning callbacks and the tests share one definition of "correct".
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -110,7 +110,7 @@ def score_caption(predicted_caption: str, sample: ShapesSample) -> dict[str, boo
 CLUSTER_OF_TASK: dict[str, str | None] = {"geneval": "prompt", "caption": None}
 
 
-def _stderr_of_mean_over_groups(cells: Mapping[str, Mapping[Any, tuple[int, int]]]) -> float:
+def _stderr_of_mean_over_groups(cells: Mapping[str, Mapping[Any, Sequence[int]]]) -> float:
     """Standard error of (1/G) sum_g acc_g, where group g's accuracy acc_g = sum_k hits_gk / sum_k n_gk pools
     its clusters k (records that share a cluster, e.g. the images drawn for one prompt, are not independent).
     Per group, the linearised variance of that ratio over clusters: K/(K-1) sum_k (hits_k - acc n_k)^2 / N^2;
@@ -174,9 +174,7 @@ def aggregate(records: Iterable[Mapping[str, Any]], key: str = "category",
         for metric in sorted({m for stats in groups.values() for m in stats if m != "n"}):
             values = [stats[metric] for stats in groups.values() if metric in stats]
             overall[metric] = sum(values) / len(values)
-        stderr = {metric: _stderr_of_mean_over_groups({g: {u: tuple(c) for u, c in units.items()}
-                                                        for g, units in by_group.items()})
-                  for metric, by_group in sorted(cells.items())}
+        stderr = {metric: _stderr_of_mean_over_groups(by_group) for metric, by_group in sorted(cells.items())}
         return groups, overall, stderr
 
     groups, overall, stderr = summarise(records)
