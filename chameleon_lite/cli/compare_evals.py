@@ -10,6 +10,11 @@ match) overall, on seen and on held-out colour-shape pairs, as mean (min-max), a
 one eval's overall figure (mean over the group's runs; sampling noise and the draw of prompts). A group must hold one
 task on one split under one protocol (the ``settings`` and ``data`` recorded in each JSON): otherwise
 the error names the files that differ, since their figures would not be comparable.
+
+``--paired`` (two groups evaluated on the same prompts / images: same task, split and world; their settings
+may differ, e.g. two CFG scales) adds the difference of the two groups, overall / seen / held-out, with the
+standard error of that paired difference: the draws' difficulty cancels, so it is usually well below the
+s.e. of one eval, and a setting can be chosen on differences one eval's noise would hide.
 """
 
 from __future__ import annotations
@@ -127,6 +132,44 @@ def summarise(label: str, runs: list[tuple[Path, dict[str, Any]]], per_category:
     return row
 
 
+#: task -> the record field scored and the draw a record belongs to (`paired_difference`'s unit)
+PAIRING = {"geneval": ("correct", lambda index, record: record["prompt"]),
+           "caption": ("exact", lambda index, record: (index, record["truth"]))}
+
+
+def paired_table(groups: dict[str, list[tuple[Path, dict[str, Any]]]]) -> str:
+    """The two groups' paired difference (first minus second) as a one-row Markdown table."""
+    from chameleon_lite.eval.report import markdown_table
+    from chameleon_lite.eval.scoring import paired_difference
+
+    if len(groups) != 2:
+        raise SystemExit(f"--paired compares two groups, got {len(groups)}: give exactly two -g LABEL PATTERN...")
+    (label_a, runs_a), (label_b, runs_b) = groups.items()
+    for label, runs in groups.items():
+        check_protocol(label, runs)
+    both = runs_a + runs_b
+    for key in ("task", "split", "data"):
+        values = {json.dumps(result[key], sort_keys=True) for _, result in both if key in result}  # older: unrecorded
+        if len(values) > 1:
+            raise SystemExit(f"--paired: {label_a!r} and {label_b!r} differ in {key}; a paired comparison needs "
+                             "both evaluated on the same prompts / images")
+    task = runs_a[0][1]["task"]
+    if task not in PAIRING:  # (task is recorded by every result)
+        raise SystemExit(f"--paired: task={task!r} has no per-draw records to pair; compare {', '.join(PAIRING)}")
+    for path, result in both:
+        if not result.get("records"):
+            raise SystemExit(f"--paired: {path} holds no per-record results; re-run its eval")
+    metric, unit = PAIRING[task]
+    try:
+        diff = paired_difference([r["records"] for _, r in runs_a], [r["records"] for _, r in runs_b], metric, unit)
+    except ValueError as err:
+        raise SystemExit(f"--paired {label_a!r} vs {label_b!r}: {err}") from None
+    row = {"paired difference": f"{label_a} - {label_b}"}
+    for column, part in (("overall", "overall"), ("seen", "seen"), ("held-out", "heldout")):
+        row[column] = "-" if part not in diff else f"{diff[part]['diff']:+.3f} (s.e. {diff[part]['stderr']:.3f})"
+    return markdown_table([row], list(row))
+
+
 def comparison_table(groups: dict[str, list[tuple[Path, dict[str, Any]]]], per_category: bool = False) -> str:
     from chameleon_lite.eval.report import markdown_table
 
@@ -142,8 +185,13 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("-g", "--group", dest="groups", action="append", nargs="+", required=True,
                         metavar="LABEL PATTERN", help="a group: its label, then globs of its results")
     parser.add_argument("--per-category", action="store_true", help="also a column per category")
+    parser.add_argument("--paired", action="store_true",
+                        help="also the paired difference of two groups evaluated on the same prompts / images")
     args = parser.parse_args(argv)
-    table = comparison_table(load_groups(args.groups), args.per_category)
+    groups = load_groups(args.groups)
+    table = comparison_table(groups, args.per_category)
+    if args.paired:
+        table += "\n" + paired_table(groups)
     print(table)
     return table
 

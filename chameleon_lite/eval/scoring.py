@@ -7,7 +7,7 @@ Lightning callbacks and the tests share one definition of "correct".
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -110,21 +110,79 @@ def score_caption(predicted_caption: str, sample: ShapesSample) -> dict[str, boo
 CLUSTER_OF_TASK: dict[str, str | None] = {"geneval": "prompt", "caption": None}
 
 
-def _stderr_of_mean_over_groups(cells: Mapping[str, Mapping[Any, Sequence[int]]]) -> float:
+def _residuals(clusters: Mapping[Any, Sequence[int]]) -> dict[Any, float]:
+    """cluster -> its share of a pooled accuracy's error, (hits_k - acc n_k) / N (the linearised ratio)."""
+    n_total = sum(n for _, n in clusters.values())
+    acc = sum(hits for hits, _ in clusters.values()) / n_total
+    return {unit: (hits - acc * n) / n_total for unit, (hits, n) in clusters.items()}
+
+
+def _stderr_of_mean_over_groups(cells: Mapping[str, Mapping[Any, Sequence[int]]],
+                                against: Mapping[str, Mapping[Any, Sequence[int]]] | None = None) -> float:
     """Standard error of (1/G) sum_g acc_g, where group g's accuracy acc_g = sum_k hits_gk / sum_k n_gk pools
     its clusters k (records that share a cluster, e.g. the images drawn for one prompt, are not independent).
     Per group, the linearised variance of that ratio over clusters: K/(K-1) sum_k (hits_k - acc n_k)^2 / N^2;
     a group of one cluster, whose spread cannot be estimated, counts the largest variance a [0, 1] mean can
-    have (1/4). Groups are independent; the result is sqrt(sum_g var_g) / G."""
+    have (1/4). Groups are independent; the result is sqrt(sum_g var_g) / G.
+
+    `against` (the same groups and clusters, e.g. another model on the same prompts): the standard error of
+    the paired difference (1/G) sum_g (acc_g - acc'_g), each cluster's term the difference of its two
+    residuals (one cluster: the largest variance of a difference, 1)."""
     variance = 0.0
-    for clusters in cells.values():
-        hits, n = (np.array(v, dtype=float) for v in zip(*clusters.values()))
-        if len(n) < 2:
-            variance += 0.25
+    for group, clusters in cells.items():
+        residuals = _residuals(clusters)
+        if against is not None:
+            other = _residuals(against[group])
+            residuals = {unit: r - other[unit] for unit, r in residuals.items()}
+        if len(residuals) < 2:
+            variance += 0.25 if against is None else 1.0
             continue
-        acc = hits.sum() / n.sum()
-        variance += len(n) / (len(n) - 1) * float(((hits - acc * n) ** 2).sum()) / float(n.sum()) ** 2
+        z = np.array(list(residuals.values()))
+        variance += len(z) / (len(z) - 1) * float((z ** 2).sum())
     return float(np.sqrt(variance)) / len(cells)
+
+
+def paired_difference(runs_a: Sequence[Sequence[Mapping[str, Any]]], runs_b: Sequence[Sequence[Mapping[str, Any]]],
+                      metric: str, unit: Callable[[int, Mapping[str, Any]], Any],
+                      key: str = "category") -> dict[str, dict[str, float]]:
+    """Paired comparison of two sets of results scored on the same draws (prompts or images).
+
+    runs_a / runs_b: the records of one or more evals each (e.g. the seeds of two settings); a side's records
+    of one draw are pooled over its runs. `metric`: the record field scored ("correct", "exact"; records
+    holding None are not counted). `unit(index, record)`: the draw a record belongs to (GenEval: its prompt;
+    captions: its image). Both sides must hold the same draws per `key` value, else ValueError.
+    Returns {"overall" | "seen" | "heldout": {"a", "b": `aggregate`'s category-weighted mean of each side,
+    "diff": a - b, "stderr": the standard error of diff over draws}} ("heldout" / "seen" only where
+    present). Sharing the draws removes their difficulty from the comparison, so diff's standard error is
+    usually well below the two evals' own errors combined; it does not count seed-to-seed variation of the
+    models beyond what the pooled runs show."""
+    def cells(runs: Sequence[Sequence[Mapping[str, Any]]], heldout: bool | None) -> dict[str, dict[Any, list[int]]]:
+        out: dict[str, dict[Any, list[int]]] = {}
+        for records in runs:
+            for index, record in enumerate(records):
+                if record.get(metric) is None or (heldout is not None and bool(record.get("heldout")) != heldout):
+                    continue
+                cell = out.setdefault(str(record[key]), {}).setdefault(unit(index, record), [0, 0])
+                cell[0] += bool(record[metric])
+                cell[1] += 1
+        return out
+
+    result = {}
+    for part, heldout in (("overall", None), ("seen", False), ("heldout", True)):
+        a, b = cells(runs_a, heldout), cells(runs_b, heldout)
+        if not a and not b:
+            continue
+        for group in sorted(set(a) | set(b)):
+            if set(a.get(group, {})) != set(b.get(group, {})):
+                missing = len(set(a.get(group, {})) ^ set(b.get(group, {})))
+                raise ValueError(f"{key} {group!r}: {missing} draw(s) scored on one side only; a paired "
+                                 "comparison needs both sides evaluated on the same prompts / images (same "
+                                 "split, number and seed of the drawn prompts)")
+        mean_a, mean_b = (float(np.mean([sum(h for h, _ in c.values()) / sum(n for _, n in c.values())
+                                         for c in side.values()])) for side in (a, b))
+        result[part] = {"a": mean_a, "b": mean_b, "diff": mean_a - mean_b,
+                        "stderr": _stderr_of_mean_over_groups(a, against=b)}
+    return result
 
 
 def aggregate(records: Iterable[Mapping[str, Any]], key: str = "category",

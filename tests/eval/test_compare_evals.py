@@ -91,3 +91,29 @@ def test_the_stderr_column_is_recorded_or_recomputed_from_older_results_records(
     assert table[0].endswith("| s.e. of one eval |")
     expected = f"{summary['stderr']['overall']['accuracy']:.3f}"
     assert table[2].endswith(f"| {expected} |") and table[3].endswith(f"| {expected} |")
+
+
+def test_paired_gives_the_difference_on_shared_prompts_and_refuses_what_cannot_pair(tmp_path):
+    from chameleon_lite.eval.scoring import aggregate
+
+    def write(name: str, shift: int, split: str = "val", prompts: str = "p") -> None:
+        records = [{"prompt": f"{prompts}{c}{k // 2}", "category": c, "heldout": k < 4,
+                    "correct": (k * 7 + len(c) + shift) % 3 > 0} for c in ("counting", "position") for k in range(12)]
+        write_report(tmp_path / name, "geneval", {"task": "geneval", "ckpt": name, "split": split, "settings": {"s": shift},
+                                                  "data": {}, "records": records, "summary": aggregate(records, cluster="prompt")}, "")
+
+    write("a", 0)
+    write("b", 1)
+    a, b = (json.loads((tmp_path / n / "geneval.json").read_text())["summary"] for n in "ab")
+    table = main(["-g", "A", f"{tmp_path}/a", "-g", "B", f"{tmp_path}/b", "--paired"]).splitlines()
+    assert table[-3] == "| paired difference | overall | seen | held-out |"
+    diff = a["overall"]["accuracy"] - b["overall"]["accuracy"]
+    assert table[-1].startswith(f"| A - B | {diff:+.3f} (s.e. ")
+    write("c", 0, split="test")
+    write("d", 0, prompts="q")
+    with pytest.raises(SystemExit, match="differ in split"):
+        main(["-g", "A", f"{tmp_path}/a", "-g", "C", f"{tmp_path}/c", "--paired"])
+    with pytest.raises(SystemExit, match="scored on one side only"):
+        main(["-g", "A", f"{tmp_path}/a", "-g", "D", f"{tmp_path}/d", "--paired"])
+    with pytest.raises(SystemExit, match="compares two groups, got 3"):
+        main(["-g", "A", f"{tmp_path}/a", "-g", "B", f"{tmp_path}/b", "-g", "D", f"{tmp_path}/d", "--paired"])

@@ -10,7 +10,7 @@ import torch
 
 from chameleon_lite.data.shapes import COLOURS, Relation, SceneSpec, ShapesSample, ShapesWorld, render_caption
 from chameleon_lite.eval.report import category_rows
-from chameleon_lite.eval.scoring import aggregate, score_caption, score_generated_image
+from chameleon_lite.eval.scoring import aggregate, paired_difference, score_caption, score_generated_image
 
 FRESH_SEED = random.SystemRandom().randrange(2**31)
 
@@ -205,3 +205,43 @@ def test_stderr_matches_the_spread_of_repeated_evals():
     # counting the 4 images of a prompt as independent understates it
     naive = [aggregate([dict(r, prompt=k) for k, r in enumerate(rows)], cluster="prompt")]
     assert naive[0]["stderr"]["overall"]["accuracy"] < 0.9 * np.mean(reported)
+
+
+def _simulated_geneval(rng, difficulty, shift: float = 0.0) -> list[dict]:
+    """6 categories x 20 prompts x 4 images; prompt p's chance of a correct image is difficulty[c, p] + shift."""
+    return [{"category": str(c), "heldout": p < 5, "correct": bool(rng.random() < difficulty[c, p] + shift),
+             "prompt": f"{c}-{p}"} for c in range(6) for p in range(20) for _ in range(4)]
+
+
+def test_paired_difference_is_the_difference_of_the_aggregates():
+    rng = np.random.default_rng(1)
+    difficulty = rng.beta(2.0, 1.0, size=(6, 20)) * 0.8
+    a, b = _simulated_geneval(rng, difficulty, 0.1), _simulated_geneval(rng, difficulty)
+    diff = paired_difference([a], [b], "correct", lambda i, r: r["prompt"])
+    for part in ("overall", "seen", "heldout"):
+        expected = aggregate(a)[part]["accuracy"] - aggregate(b)[part]["accuracy"]
+        assert diff[part]["diff"] == pytest.approx(expected)
+    assert paired_difference([a], [a], "correct", lambda i, r: r["prompt"])["overall"]["stderr"] == 0.0
+    # two runs per side pool per prompt: the mean of the runs' figures (equal images per prompt)
+    two = paired_difference([a, b], [b, b], "correct", lambda i, r: r["prompt"])["overall"]
+    assert two["a"] == pytest.approx((aggregate(a)["overall"]["accuracy"] + aggregate(b)["overall"]["accuracy"]) / 2)
+    with pytest.raises(ValueError, match="same prompts"):
+        paired_difference([a], [[dict(r, prompt=r["prompt"] + "x") if r["category"] == "3" else r for r in b]],
+                          "correct", lambda i, r: r["prompt"])
+
+
+def test_paired_stderr_matches_the_spread_of_repeated_comparisons():
+    """Two models on the same freshly drawn prompts, 300 times: the reported paired s.e. is the spread of the
+    difference, and well below what two independent evals' errors would add up to."""
+    rng = np.random.default_rng(2)
+    diffs, reported, unpaired = [], [], []
+    for _ in range(300):
+        difficulty = rng.beta(2.0, 1.0, size=(6, 20)) * 0.85
+        a, b = _simulated_geneval(rng, difficulty, 0.05), _simulated_geneval(rng, difficulty)
+        result = paired_difference([a], [b], "correct", lambda i, r: r["prompt"])["overall"]
+        diffs.append(result["diff"])
+        reported.append(result["stderr"])
+        unpaired.append(np.hypot(aggregate(a, cluster="prompt")["stderr"]["overall"]["accuracy"],
+                                 aggregate(b, cluster="prompt")["stderr"]["overall"]["accuracy"]))
+    assert 0.85 < np.mean(reported) / np.std(diffs) < 1.15
+    assert np.mean(reported) < 0.75 * np.mean(unpaired)
