@@ -30,9 +30,10 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be (safely) loaded."""
 
 
-def safe_torch_load(path: str | os.PathLike) -> dict[str, Any]:
+def safe_torch_load(path: str | os.PathLike, mmap: bool = False) -> dict[str, Any]:
     """``torch.load`` restricted to tensors and plain containers: a pickle carrying code is refused, and a
-    file that is no checkpoint at all (a Git LFS pointer, JSON, an image) is named as such."""
+    file that is no checkpoint at all (a Git LFS pointer, JSON, an image) is named as such. ``mmap``: map the
+    tensors instead of reading them (for a look at the hyper-parameters of a large checkpoint)."""
     with open(path, "rb") as f:
         head = f.read(64)
     if head.startswith(b"version https://git-lfs"):
@@ -41,7 +42,7 @@ def safe_torch_load(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{path}: not a PyTorch checkpoint (torch.save writes a zip archive; this file "
                               f"starts with {head[:16]!r})")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and head.startswith(b"PK"))
     except pickle.UnpicklingError as err:
         raise CheckpointError(f"{path}: refused to load — the file contains pickled objects that are not plain "
                               f"weights ({str(err).splitlines()[0]}). Only load checkpoints you trust, and "

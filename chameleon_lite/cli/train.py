@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
-from chameleon_lite.checkpoint import export_weights
+from chameleon_lite.checkpoint import export_weights, safe_torch_load
 from chameleon_lite.config import ConfigError, hydra_app, require, resolve_path
 from chameleon_lite.data.datamodule import ChameleonDataModule, training_data_record
 from chameleon_lite.model import ModelConfig
@@ -25,6 +26,10 @@ def build_model_config(cfg: DictConfig, tokenizer: MultimodalTokenizer) -> Model
     vocab = tokenizer.vocab
     if values.get("vocab_size") is None:
         values["vocab_size"] = vocab.size
+    elif values["vocab_size"] != vocab.size:  # sampling and export need the model's ids to be the vocab's
+        raise ConfigError(f"model.vocab_size={values['vocab_size']} but the tokenizers in {cfg.tokenizer.dir} make a "
+                          f"vocabulary of {vocab.size} ids ({vocab.layout.describe()}): set model.vocab_size=null "
+                          "to take it from them, or point tokenizer.dir at the tokenizers of that vocabulary")
     if values.get("image_pos_embed"):
         if values.get("image_grid") is None:
             values["image_grid"] = tokenizer.image.grid_size
@@ -60,6 +65,51 @@ def resolve_batch_tokens(cfg: DictConfig, trainer: L.Trainer) -> None:
              "micro-batch(es) per step)", tokens, cfg.data.batch_size, cfg.data.seq_len, world, accumulate)
 
 
+#: Settings a resumed run may change without changing what it trains: how it runs, not what it computes
+#: (a batch size change keeps the data position; `ChameleonDataModule`).
+RESUME_FREE = {"model": {"attn_impl", "grad_checkpointing"},
+               "data": {"num_workers", "cache_dir", "strict", "batch_size", "batch_tokens", "val_path", "val_shards"}}
+
+
+def _differences(old: Any, new: Any, prefix: str) -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for key in sorted(set(old) | set(new), key=str)
+                for d in _differences(old.get(key), new.get(key), f"{prefix}.{key}")]
+    return [] if old == new else [f"{prefix}: {old!r} in the checkpoint, {new!r} now"]
+
+
+def check_resume(ckpt_file: str, module: ChameleonLightningModule, dm: ChameleonDataModule, mode: str) -> None:
+    """A resumed run must train what the checkpoint's run trained: ``chameleon-train run_name=x ckpt_path=last``
+    without the run's overrides (``experiment=shapes_cpu``) would otherwise continue another recipe (other rows,
+    task mix, loss, optimizer) on its weights. ``resume_check=error`` (default) raises listing every setting that
+    differs from the checkpoint's hyper-parameters, except `RESUME_FREE`; ``warn`` logs them and goes on. A new
+    ``trainer.max_steps`` (a run extended or shortened) is logged: the LR schedule is rebuilt over it."""
+    if mode not in ("error", "warn"):
+        raise ConfigError(f"resume_check={mode!r} is invalid: use error or warn")
+    saved = safe_torch_load(ckpt_file, mmap=True)
+    old = {**saved.get("hyper_parameters", {}), **saved.get("datamodule_hyper_parameters", {})}
+    new = {**module.hparams, **dm.hparams}
+    differences = []
+    for key in ("model", "optim", "training_data", "data"):
+        if key not in old:  # a checkpoint from before the key was recorded
+            continue
+        free = RESUME_FREE.get(key, set())
+        strip = (lambda d: {k: v for k, v in d.items() if k not in free}) if free else (lambda d: d)
+        differences += _differences(strip(dict(old[key])), strip(dict(new[key])), key)
+    if old.get("total_steps") not in (None, new["total_steps"]):
+        log.warning("resuming %s (trained for trainer.max_steps=%s) with trainer.max_steps=%s: the LR schedule is "
+                    "rebuilt over the new length", ckpt_file, old["total_steps"], new["total_steps"])
+    if not differences:
+        return
+    listing = "; ".join(differences)
+    if mode == "warn":
+        log.warning("resume_check=warn: resuming %s with changed settings: %s", ckpt_file, listing)
+        return
+    raise ConfigError(f"ckpt_path={ckpt_file} was trained with other settings than this run's: {listing}. Resume "
+                      "with the run's original overrides (e.g. chameleon-train experiment=shapes_cpu run_name=x "
+                      "ckpt_path=last), or set resume_check=warn to continue it with the new settings")
+
+
 def train(cfg: DictConfig) -> dict:
     """Run one training job; returns final metrics and the paths it wrote."""
     L.seed_everything(cfg.seed, workers=True)
@@ -78,7 +128,10 @@ def train(cfg: DictConfig) -> dict:
                                       training_data=training_data_record(cfg.data))
     log.info("model: %.2fM parameters (%.2fM without embeddings)", module.model.num_params() / 1e6,
              module.model.num_params(exclude_embeddings=True) / 1e6)
-    trainer.fit(module, datamodule=dm, ckpt_path=resolve_ckpt_path(cfg.ckpt_path, run_dir))
+    ckpt_file = resolve_ckpt_path(cfg.ckpt_path, run_dir)
+    if ckpt_file is not None:
+        check_resume(ckpt_file, module, dm, cfg.get("resume_check", "error"))
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_file)
     result = {"run_dir": str(run_dir), "global_step": trainer.global_step,
               "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()}}
     if trainer.is_global_zero and cfg.export_weights:

@@ -16,7 +16,7 @@ from typing import Any
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
-from chameleon_lite.config import hydra_app, require, resolve_path
+from chameleon_lite.config import ConfigError, hydra_app, require, resolve_path
 from chameleon_lite.train.trainer import build_trainer, resolve_ckpt_path
 from chameleon_lite.vq.data import VQDataModule
 from chameleon_lite.vq.module import VQModule
@@ -40,6 +40,12 @@ def train_vq(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True)
     run_dir = resolve_path(cfg.run_dir)
     require(cfg, "trainer.max_steps", lambda v: isinstance(v, int) and v > 0, "a positive int")
+    existing = resolve_path(cfg.out_dir) / "vq.safetensors"
+    if cfg.export and existing.exists() and not cfg.get("overwrite", False):
+        # checked first: every model trained on that tokenizer would decode with the new codebook
+        raise ConfigError(f"out_dir={cfg.out_dir} already holds a VQ ({existing}), which this run would replace: "
+                          f"name the new one (vq.name=mine, exported to tokenizers/mine) or set out_dir=..., or "
+                          f"overwrite=true to replace it")
     module = build_vq_module(cfg)
     datamodule = VQDataModule(image_size=module.config.image_size, seed=cfg.seed,
                               **OmegaConf.to_container(cfg.data, resolve=True))

@@ -100,7 +100,9 @@ class TokenThroughput(L.Callback):
 
 
 def read_metrics_csv(path: Path) -> dict[str, list[tuple[int, float]]]:
-    """Lightning CSVLogger ``metrics.csv`` -> {metric: [(step, value), ...]} (empty cells skipped)."""
+    """Lightning CSVLogger ``metrics.csv`` -> {metric: [(step, value), ...]} (empty cells skipped). A metric's
+    step that comes again (a resumed run redoing the steps after its last checkpoint) replaces the points
+    from that step on: the curve is the one the run ended with."""
     series: dict[str, list[tuple[int, float]]] = {}
     with open(path, newline="") as f:
         for row in csv.DictReader(f):
@@ -108,7 +110,10 @@ def read_metrics_csv(path: Path) -> dict[str, list[tuple[int, float]]]:
             for key, value in row.items():
                 if key in ("step", "epoch") or value in ("", None):
                     continue
-                series.setdefault(key, []).append((step, float(value)))
+                points = series.setdefault(key, [])
+                while points and points[-1][0] >= step:
+                    points.pop()
+                points.append((step, float(value)))
     return series
 
 

@@ -291,3 +291,15 @@ def test_resuming_with_tokenizers_of_another_vocab_is_refused(tmp_path, tmp_path
                                                   f"ckpt_path={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}"))
     with pytest.raises(VocabMismatchError, match="the checkpoint has layout .* but the configured tokenizers"):
         train(cfg)
+
+
+def test_a_model_vocab_size_other_than_the_tokenizers_is_refused_before_training():
+    from chameleon_lite.cli.train import build_model_config
+    from chameleon_lite.multimodal_tokenizer import MultimodalTokenizer
+
+    cfg = compose_config("train", ["model.vocab_size=2048"])
+    tokenizer = MultimodalTokenizer.from_dir(cfg.tokenizer.dir)
+    # the Sampler (generation, eval, demo) needs the model's ids to be the vocab's: caught here, not after training
+    with pytest.raises(ConfigError, match=rf"model.vocab_size=2048 but .* {tokenizer.vocab.size} ids.*vocab_size=null"):
+        build_model_config(cfg, tokenizer)
+    assert build_model_config(compose_config("train", []), tokenizer).vocab_size == tokenizer.vocab.size

@@ -9,6 +9,7 @@ import torch
 
 from chameleon_lite.checkpoint import load_model
 from chameleon_lite.cli.train import train
+from chameleon_lite.config import ConfigError
 from chameleon_lite.train.module import lr_lambda
 from chameleon_lite.vocab import UnifiedVocab, VocabMismatchError
 
@@ -31,9 +32,13 @@ def test_train_resume_export(tiny_train_cfg, tmp_path):
     losses = read_losses(run)
     assert len(losses) == 6 and all(math.isfinite(v) for v in losses.values())
 
-    # resume continues the step count from the checkpoint
-    result2 = train(tiny_train_cfg("ckpt_path=last", "trainer.max_steps=9"))
+    # a resume that forgot the run's overrides is refused before training, naming what differs
+    with pytest.raises(ConfigError, match=r"optim.lr: 0.003 in the checkpoint, 0.5 now.*data.loss_on"):
+        train(tiny_train_cfg("ckpt_path=last", "trainer.max_steps=9", "optim.lr=0.5", "data.loss_on=completion"))
+    # resume continues the step count from the checkpoint, and the loss history with it
+    result2 = train(tiny_train_cfg("ckpt_path=last", "trainer.max_steps=9", "data.num_workers=0"))
     assert result2["global_step"] == 9
+    assert sorted(read_losses(run)) == list(range(9))
     # the stability monitor's warm-up reference travels with the checkpoint (a resumed run cannot re-measure it)
     states = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["callbacks"]
     monitor = next(v for k, v in states.items() if k.startswith("StabilityMonitor"))

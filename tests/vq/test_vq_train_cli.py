@@ -73,3 +73,13 @@ def test_too_few_images_for_one_batch_is_refused_and_nothing_is_exported(tmp_pat
     with pytest.raises(ConfigError, match=r"6 images leave 4 for training .* fewer than data.batch_size=8"):
         train_vq(cfg)
     assert not (tmp_path / "tok").exists()  # the tokenizer it would have replaced stays as it was
+
+
+def test_an_existing_tokenizer_is_only_replaced_when_asked(tmp_path):
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "vq.safetensors").write_bytes(b"the tokenizer every model of this directory uses")
+    cfg = compose_config("train_vq", [*TINY_VQ, f"run_dir={tmp_path / 'run'}", f"out_dir={tmp_path / 'tok'}"])
+    with pytest.raises(ConfigError, match="already holds a VQ .* overwrite=true"):
+        train_vq(cfg)
+    assert not (tmp_path / "run").exists()  # refused before training
+    assert (tmp_path / "tok" / "vq.safetensors").read_bytes().startswith(b"the tokenizer")
