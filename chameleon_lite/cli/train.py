@@ -94,8 +94,8 @@ def check_resume(ckpt_file: str, module: ChameleonLightningModule, dm: Chameleon
         if key not in old:  # a checkpoint from before the key was recorded
             continue
         free = RESUME_FREE.get(key, set())
-        strip = (lambda d: {k: v for k, v in d.items() if k not in free}) if free else (lambda d: d)
-        differences += _differences(strip(dict(old[key])), strip(dict(new[key])), key)
+        before, now = ({k: v for k, v in dict(d[key]).items() if k not in free} for d in (old, new))
+        differences += _differences(before, now, key)
     if old.get("total_steps") not in (None, new["total_steps"]):
         log.warning("resuming %s (trained for trainer.max_steps=%s) with trainer.max_steps=%s: the LR schedule is "
                     "rebuilt over the new length", ckpt_file, old["total_steps"], new["total_steps"])
