@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip install --constraint constraints.txt
 DEMO_DIR ?= runs/demo
 
-.PHONY: demo test venv clean-venv lint bench
+.PHONY: demo test venv clean-venv lint
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -51,10 +52,17 @@ def safe_torch_load(path: str | os.PathLike, mmap: bool = False) -> dict[str, An
         raise CheckpointError(f"{path}: not a readable checkpoint ({err})") from None
 
 
-def export_weights(module, out_dir: Path, tokenizer_dir: str | os.PathLike) -> Path:
-    """Write ``model.safetensors`` and ``config.json`` for ``module.model`` into ``out_dir``."""
+def export_weights(module, out_dir: Path, tokenizer_dir: str | os.PathLike,
+                   module_state: Mapping[str, torch.Tensor] | None = None) -> Path:
+    """Write ``model.safetensors`` and ``config.json`` for ``module.model`` into ``out_dir``. ``module_state``:
+    the Lightning module's full state dict where ``module.model.state_dict()`` cannot give it alone (under
+    FSDP, ``trainer.strategy.lightning_module_state_dict()``, gathered from the shards by every rank)."""
     out_dir = Path(out_dir)
-    state = {k: v.detach().contiguous() for k, v in module.model.state_dict().items()}
+    if module_state is None:
+        weights = module.model.state_dict()
+    else:
+        weights = {k.removeprefix("model."): v for k, v in module_state.items() if k.startswith("model.")}
+    state = {k: v.detach().contiguous() for k, v in weights.items()}
     if module.model_config.tie_embeddings:  # one tensor under two names: safetensors stores it once
         state.pop(TIED_HEAD, None)
     with atomic_path(out_dir / "model.safetensors") as tmp:

@@ -72,12 +72,24 @@ def test_eval_tasks_write_json_markdown_grid(tiny_checkpoint, tmp_path, task):
     if task == "composition":
         assert res["summary"]["heldout"]["n"] == 2 and 0.0 <= res["summary"]["heldout"]["image"]["exact"] <= 1.0
     elif task != "perplexity":
-        assert (tmp_path / f"{task}_examples.png").is_file()
+        assert (tmp_path / f"{task}_examples.png").is_file() and written["grid"].endswith(f"{task}_examples.png")
         metric = "accuracy" if task == "geneval" else "exact"
         assert 0.0 <= res["summary"]["overall"][metric] <= 1.0
         assert 0.0 < written["summary"]["stderr"]["overall"][metric] <= 0.5 and " s.e. |" in res["table"]
     else:
         assert res["summary"]["image"]["perplexity"] > 1.0
+        assert written["data"]["seq_len"] == 256  # data.seq_len=1024 is cut to the tiny model's max_seq_len
+
+
+def test_eval_counts_are_checked_before_loading_and_a_grid_is_optional(tiny_checkpoint, tmp_path):
+    for bad in ("n_prompts=0", "images_per_prompt=0", "grid_examples=-1"):
+        with pytest.raises(ConfigError, match=bad.split("=")[0]):
+            evaluate(compose_config("eval", ["task=geneval", f"ckpt={tmp_path / 'not_loaded.ckpt'}", f"out_dir={tmp_path}", bad]))
+    res = evaluate(compose_config("eval", ["task=caption", f"ckpt={tiny_checkpoint}", f"out_dir={tmp_path}",
+                                           "n_images=4", "caption_candidates=1", "grid_examples=0"]))
+    written = json.loads((tmp_path / "caption.json").read_text())
+    assert len(written["records"]) == 4 and "grid" not in written and "grid" not in res
+    assert not (tmp_path / "caption_examples.png").exists()
 
 
 def test_eval_warns_when_the_model_was_trained_on_another_world(tiny_checkpoint, tmp_path, caplog):

@@ -26,11 +26,14 @@ SETTINGS = {
     "composition": ("n_probe", "seed"),
     "perplexity": ("max_batches",),
 }
+#: The counts each task draws (validated as ints >= 1 before the model loads).
+COUNTS = {"geneval": ("n_prompts", "images_per_prompt", "image_candidates"), "caption": ("n_images",),
+          "composition": ("n_probe",), "perplexity": ("max_batches",)}
 #: The data settings each task's result depends on: the shapes world its images come from (perplexity: also
 #: the val documents and their loss mask). Paths and training-only keys are left out so that runs compare.
 WORLD = ("image_size", "holdout_pairs", "val_holdout_pairs", "layout")
 DATA_KEYS = {task: WORLD for task in SETTINGS} | {
-    "perplexity": (*WORLD, "seed", "n_val", "seq_len", "tasks", "loss_on", "caption_target")}
+    "perplexity": (*WORLD, "seed", "n_val", "seq_len", "overflow", "tasks", "loss_on", "caption_target")}
 
 
 def protocol(cfg: DictConfig) -> dict:
@@ -111,6 +114,10 @@ def evaluate(cfg: DictConfig) -> dict:
 
         result = run_vq_eval(cfg)
         return {**result, "table": result.get("table", "")}
+    for key in COUNTS[cfg.task]:  # before the model loads: a zero would score nothing or fail deep in sampling
+        require(cfg, key, lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an int >= 1")
+    require(cfg, "grid_examples", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+            "an int >= 0 (0 = no grid)")
     gen = _generator(cfg)
     _check_world(cfg, gen)
     if cfg.task == "geneval":
@@ -147,20 +154,29 @@ def evaluate(cfg: DictConfig) -> dict:
     elif cfg.task == "composition":
         from chameleon_lite.eval.composition import METRICS, probe_rows, run_composition_probe
 
-        n = require(cfg, "n_probe", lambda v: isinstance(v, int) and v >= 1, "an int >= 1")
-        summary, records, examples = run_composition_probe(gen, _world(cfg, 1), n)
+        summary, records, examples = run_composition_probe(gen, _world(cfg, 1), cfg.n_probe)
         table = markdown_table(probe_rows(summary), ["pairs", "n", "direction", *METRICS])
     else:
         from chameleon_lite.eval.perplexity import evaluate_perplexity, validation_loader
 
-        loader = validation_loader(cfg.data, gen.tok, min(cfg.data.seq_len, gen.model.cfg.max_seq_len))
+        seq_len = min(cfg.data.seq_len, gen.model.cfg.max_seq_len)
+        if seq_len < cfg.data.seq_len:
+            log.info("data.seq_len=%d exceeds the model's max_seq_len: rows of %d tokens", cfg.data.seq_len, seq_len)
+            cfg.data.seq_len = seq_len  # what the result records is what was packed
+        loader = validation_loader(cfg.data, gen.tok, seq_len)
         summary = evaluate_perplexity(gen.model, gen.vocab, loader, cfg.max_batches)
         records, examples = [], []
         table = markdown_table([{"target": k, **v} for k, v in summary.items()], ["target", "perplexity", "ce", "tokens"])
     result = {"task": cfg.task, "ckpt": str(cfg.ckpt), **protocol(cfg), "summary": summary, "records": records}
-    if examples:
-        result["grid"] = _grid(examples, out_dir / f"{cfg.task}_examples.png", cfg.grid_examples)
-    result["files"] = write_report(out_dir, cfg.task, result, table)
+    files = write_report(out_dir, cfg.task, result, table)  # first: the scores outlive a grid that cannot be drawn
+    if examples and cfg.grid_examples:
+        try:
+            result["grid"] = _grid(examples, out_dir / f"{cfg.task}_examples.png", cfg.grid_examples)
+        except (OSError, ValueError) as err:
+            log.error("the examples grid could not be drawn (%s); the results are in %s", err, files["json"])
+        else:
+            write_report(out_dir, cfg.task, result, table)  # now naming the grid
+    result["files"] = files
     result["table"] = table
     print(table)
     return result

@@ -13,7 +13,7 @@ import torch
 from omegaconf import DictConfig
 
 from chameleon_lite.checkpoint import load_model
-from chameleon_lite.config import hydra_app, require, resolve_path
+from chameleon_lite.config import ConfigError, hydra_app, require, resolve_path
 from chameleon_lite.interop.hf import export_hf
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -31,7 +31,15 @@ def export_checkpoint(cfg: DictConfig) -> Path:
     for key in ("drop_resid_dropout", "overwrite"):
         require(cfg, key, lambda v: isinstance(v, bool), "true or false")
     model, vocab, meta = load_model(resolve_path(ckpt))
-    tokenizer_dir = cfg.get("tokenizer_dir") or meta.get("tokenizer_dir")
+    tokenizer_dir = cfg.get("tokenizer_dir")
+    if tokenizer_dir:  # asked for: a typo must not export a model without its image encoder
+        tokenizer_dir = str(resolve_path(tokenizer_dir))
+        if not (Path(tokenizer_dir) / "vq.safetensors").is_file():
+            raise ConfigError(f"tokenizer_dir={cfg.tokenizer_dir}: no vq.safetensors in {tokenizer_dir}; give the "
+                              "tokenizer directory the model was trained with, or leave tokenizer_dir unset to use "
+                              "the one its checkpoint records")
+    else:
+        tokenizer_dir = meta.get("tokenizer_dir")
     vq = None
     if tokenizer_dir and (Path(tokenizer_dir) / "vq.safetensors").is_file():
         from chameleon_lite.vq.api import ImageTokenizer

@@ -16,11 +16,19 @@ from chameleon_lite.train.callbacks import read_metrics_csv
 
 
 def find_runs(roots: list[Path]) -> dict[str, Path]:
+    """label -> ``metrics.csv`` of every run below `roots`; with several roots each label starts with its root's
+    name (two sweeps both have runs ``0``, ``1``, ...: neither may hide the other)."""
     runs = {}
     for root in roots:
         for metrics in sorted(root.rglob("logs/metrics.csv")):
             run_dir = metrics.parent.parent
-            runs[str(run_dir.relative_to(root)) if run_dir != root else root.name] = metrics
+            label = str(run_dir.relative_to(root)) if run_dir != root else root.name
+            if len(roots) > 1 and run_dir != root:
+                label = f"{root.name}/{label}"
+            if label in runs:
+                raise SystemExit(f"two runs would both be labelled {label!r} ({runs[label]} and {metrics}); "
+                                 "give roots with different names")
+            runs[label] = metrics
     return runs
 
 

@@ -134,8 +134,11 @@ def train(cfg: DictConfig) -> dict:
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_file)
     result = {"run_dir": str(run_dir), "global_step": trainer.global_step,
               "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()}}
-    if trainer.is_global_zero and cfg.export_weights:
-        result["weights"] = str(export_weights(module, run_dir / "model", cfg.tokenizer.dir))
+    if cfg.export_weights:
+        # on every rank: under FSDP the full weights are gathered from the shards, a collective (rank 0 alone hangs)
+        state = trainer.strategy.lightning_module_state_dict()
+        if trainer.is_global_zero:
+            result["weights"] = str(export_weights(module, run_dir / "model", cfg.tokenizer.dir, state))
     return result
 
 

@@ -161,11 +161,14 @@ def _select(cfg: Mapping[str, Any], dotted: str, default: Any) -> Any:
     return node
 
 
-def evaluate_folder(tokenizer: ImageTokenizer, folder: str | Path, batch_size: int = 64) -> dict[str, float]:
-    """:func:`evaluate_vq` on a folder of user images; unreadable files are skipped and counted (``skipped``)."""
+def evaluate_folder(tokenizer: ImageTokenizer, folder: str | Path | list[Path],
+                    batch_size: int = 64) -> dict[str, float]:
+    """:func:`evaluate_vq` on a folder of user images (or its listed files); unreadable files are skipped and
+    counted (``skipped``); a folder none of whose files decodes is an error naming it."""
     from chameleon_lite.vq.data import ImageFileDataset, list_image_folder
 
-    dataset = ImageFileDataset(list_image_folder(folder), tokenizer.image_size, max_pixels=tokenizer.max_pixels,
+    paths = folder if isinstance(folder, list) else list_image_folder(folder)
+    dataset = ImageFileDataset(paths, tokenizer.image_size, max_pixels=tokenizer.max_pixels,
                                min_side=tokenizer.min_side)
     skipped = 0
 
@@ -177,7 +180,13 @@ def evaluate_folder(tokenizer: ImageTokenizer, folder: str | Path, batch_size: i
             else:
                 yield image
 
-    result = evaluate_vq(tokenizer, good_images(), batch_size=batch_size)
+    try:
+        result = evaluate_vq(tokenizer, good_images(), batch_size=batch_size)
+    except ValueError as err:
+        if skipped < len(paths):
+            raise
+        raise ValueError(f"none of the {len(paths)} image files of {paths[0].parent if paths else folder} could "
+                         "be read (see the warnings above)") from err
     return {**result, "skipped": skipped}
 
 
@@ -230,6 +239,14 @@ def run_vq_eval(cfg: Mapping[str, Any]) -> dict[str, Any]:
         if not _select(cfg, key, None):
             raise ConfigError(f"task=vq needs config key '{key}' (e.g. {key}=tokenizers/shapes)")
     tokenizer_dir, out_dir = resolve_path(_select(cfg, "tokenizer.dir", None)), resolve_path(cfg["out_dir"])
+    folder = _select(cfg, "vq.folder", None)
+    if folder:  # listed first: a wrong path fails now, not after the shapes passes
+        from chameleon_lite.vq.data import list_image_folder
+
+        try:
+            folder_paths = list_image_folder(resolve_path(folder))
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"vq.folder={folder}: {str(err).split(': ', 1)[-1]}") from None
     tokenizer = ImageTokenizer.from_pretrained(tokenizer_dir, device=_select(cfg, "device", "cpu"))
     split, batch_size = _select(cfg, "vq.split", "val"), int(_select(cfg, "vq.batch_size", 64))
     data = ShapesWorld(seed=int(_select(cfg, "data.seed", 0)), image_size=tokenizer.image_size, split=split,
@@ -247,10 +264,9 @@ def run_vq_eval(cfg: Mapping[str, Any]) -> dict[str, Any]:
         result["shapes_heldout"] = evaluate_vq(tokenizer, held, batch_size=batch_size, detector=True)
         result["shapes_seen"] = evaluate_vq(tokenizer, [s for s in samples if not s.heldout], batch_size=batch_size,
                                             detector=True)
-    folder = _select(cfg, "vq.folder", None)
     if folder:
         result["folder_path"] = str(resolve_path(folder))
-        result["folder"] = evaluate_folder(tokenizer, resolve_path(folder), batch_size)
+        result["folder"] = evaluate_folder(tokenizer, folder_paths, batch_size)
     table = markdown_table(result)
     files = write_report(out_dir, "vq", result, table)
     print(table)

@@ -58,6 +58,14 @@ def test_cli_names_the_missing_or_wrong_key(overrides, message):
         export_checkpoint(compose_export(*overrides))
 
 
+def test_cli_refuses_a_tokenizer_dir_without_a_vq(trained, tmp_path):
+    _, ckpt = trained
+    with pytest.raises(ConfigError, match=r"tokenizer_dir=.*tokz: no vq.safetensors"):
+        export_checkpoint(compose_export(f"ckpt={ckpt}", f"out={tmp_path / 'hf'}", f"tokenizer_dir={tmp_path / 'tokz'}",
+                                         "drop_resid_dropout=true"))
+    assert not (tmp_path / "hf").exists()
+
+
 def test_cli_refuses_an_unexportable_option_by_name(trained, tmp_path):
     _, ckpt = trained
     with pytest.raises(HFInteropError, match="model.resid_dropout=0.1.*drop_resid_dropout=true"):

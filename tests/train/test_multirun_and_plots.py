@@ -40,3 +40,12 @@ def test_ablation_overlay_defines_the_four_runs():
 def test_plot_runs_without_logs_is_a_clear_error(tmp_path):
     with pytest.raises(SystemExit, match="no logs/metrics.csv"):
         plot_main([str(tmp_path)])
+
+
+def test_two_sweeps_with_the_same_subdirs_keep_every_run(tmp_path):
+    for sweep in ("a", "b"):
+        for job in ("0", "1"):
+            (tmp_path / sweep / job / "logs").mkdir(parents=True)
+            (tmp_path / sweep / job / "logs" / "metrics.csv").write_text("step,train/loss\n0,1.0\n")
+    assert sorted(find_runs([tmp_path / "a", tmp_path / "b"])) == ["a/0", "a/1", "b/0", "b/1"]
+    assert sorted(find_runs([tmp_path / "a"])) == ["0", "1"]  # one root: labels as Hydra's subdirs

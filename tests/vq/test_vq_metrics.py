@@ -107,3 +107,19 @@ def test_run_vq_eval_writes_json_and_markdown(tok, tmp_path):
     assert "held-out colour-shape pairs: PSNR" in test["table"] and 0.0 <= held["detector_agreement"] <= 1.0
     with pytest.raises(ValueError, match="tokenizer.dir"):
         run_vq_eval({"out_dir": str(tmp_path)})
+
+
+def test_a_bad_vq_folder_is_named_before_any_work(tok, tmp_path):
+    from chameleon_lite.config import ConfigError
+
+    tok.save_pretrained(tmp_path / "tok")
+    cfg = OmegaConf.create({"tokenizer": {"dir": str(tmp_path / "tok")}, "out_dir": str(tmp_path / "eval"),
+                            "vq": {"n_images": 4, "photo_crops": False, "folder": str(tmp_path / "typo")}})
+    with pytest.raises(ConfigError, match=r"vq.folder=.*typo: not a directory"):
+        run_vq_eval(cfg)
+    unreadable = tmp_path / "unreadable"
+    unreadable.mkdir()
+    for name in ("a.png", "b.jpg"):
+        (unreadable / name).write_bytes(b"not an image")
+    with pytest.raises(ValueError, match=r"none of the 2 image files of .*unreadable could be read"):
+        run_vq_eval(OmegaConf.merge(cfg, {"vq": {"folder": str(unreadable)}}))
