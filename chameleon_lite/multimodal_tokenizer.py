@@ -35,7 +35,9 @@ class MultimodalTokenizer:
 
     @classmethod
     def from_dir(cls, path: str | os.PathLike, load_image: bool = True,
-                 device: torch.device | str = "cpu") -> MultimodalTokenizer:
+                 device: torch.device | str = "cpu", **image_limits: int) -> MultimodalTokenizer:
+        """``image_limits``: ``max_pixels`` / ``min_side`` of the image tokenizer (`ImageTokenizer`), e.g. a data
+        config's, so images its loader accepted are not refused again when encoded."""
         path = Path(path)
         if not path.is_dir():
             raise FileNotFoundError(f"tokenizer directory {path} does not exist; build it with "
@@ -49,7 +51,7 @@ class MultimodalTokenizer:
             if not (path / "vq.safetensors").is_file():
                 raise FileNotFoundError(f"{path / 'vq.safetensors'} does not exist; train it with "
                                         "`chameleon-train-vq` (see README)")
-            image = ImageTokenizer.from_pretrained(path, device=device)
+            image = ImageTokenizer.from_pretrained(path, device=device, **image_limits)
         return cls(text, vocab, image, source=str(path))
 
     @property

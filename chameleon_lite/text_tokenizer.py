@@ -98,6 +98,10 @@ def train_text_tokenizer(corpus: Iterable[str], out_path: str | os.PathLike, voc
         )
     except RuntimeError as err:
         msg = str(err)
+        if "smaller than required_chars" in msg:  # every distinct character needs its own piece
+            raise TextTokenizerError(f"tokenizer.vocab_size={vocab_size} is too small for the corpus' distinct "
+                                     f"characters ({msg.strip()}); raise tokenizer.vocab_size or lower "
+                                     "tokenizer.character_coverage") from None
         if "Vocabulary size is too high" in msg or "vocab_size" in msg:
             raise TextTokenizerError(f"tokenizer.vocab_size={vocab_size} is larger than this corpus supports "
                                      f"({msg.strip()}); lower tokenizer.vocab_size or add text") from None

@@ -55,6 +55,13 @@ def test_vocab_too_small(corpus, tmp_path):
         train_text_tokenizer(corpus, tmp_path / "x.model", vocab_size=100)
 
 
+def test_too_few_pieces_for_the_corpus_characters_says_to_raise_vocab_size(tmp_path):
+    corpus = ["".join(chr(0x4E00 + (7 * i + k) % 300) for k in range(12)) for i in range(200)]  # 300 CJK characters
+    with pytest.raises(TextTokenizerError, match=r"vocab_size=320 is too small for the corpus' distinct characters"
+                                                 r".*raise tokenizer.vocab_size"):
+        train_text_tokenizer(corpus, tmp_path / "x.model", vocab_size=320)
+
+
 def test_text_files(tmp_path):
     f = tmp_path / "a.txt"
     f.write_text("one line\n\n second line \n")

@@ -248,7 +248,8 @@ class ChameleonDataModule(L.LightningDataModule):
 
     def _load_tokenizer(self) -> MultimodalTokenizer:
         if self.tokenizer is None:
-            self.tokenizer = MultimodalTokenizer.from_dir(self.tokenizer_dir)
+            limits = {k: self.cfg[k] for k in ("max_pixels", "min_side") if self.cfg.get(k) is not None}
+            self.tokenizer = MultimodalTokenizer.from_dir(self.tokenizer_dir, **limits)  # the loaders' own limits
         return self.tokenizer
 
     def _caches(self, tok: MultimodalTokenizer) -> tuple[TokenCache | JsonlCache, TokenCache | JsonlCache]:

@@ -67,7 +67,8 @@ def load_or_build_shapes_cache(cache_dir: Path, vq_dir: Path, image_tokenizer, *
 
     settings = {"source": "shapes", "seed": seed, "split": split, "n": n, "image_size": image_size,
                 "holdout_pairs": [list(p) for p in holdout_pairs], "layout": layout,
-                "vq": file_digest(Path(vq_dir) / "vq.safetensors")}
+                "vq": file_digest(Path(vq_dir) / "vq.safetensors"),
+                "vq_model": image_tokenizer.config.to_dict()}  # the same weights under another vq.yaml code otherwise
     if val_holdout_pairs:
         settings["val_holdout_pairs"] = [list(p) for p in val_holdout_pairs]
     if category_weights is not None:
@@ -79,17 +80,23 @@ def load_or_build_shapes_cache(cache_dir: Path, vq_dir: Path, image_tokenizer, *
     codes_path, meta_path = Path(cache_dir) / f"{key}.safetensors", Path(cache_dir) / f"{key}.json"
     if codes_path.is_file() and meta_path.is_file():
         meta = json.loads(meta_path.read_text())
-        return TokenCache(load_file(str(codes_path))["codes"].long(), meta["texts"], meta["meta"])
+        cached = load_file(str(codes_path))["codes"].long()
+        if (cached.ndim == 2 and len(cached) == n and cached.shape[1] == image_tokenizer.tokens_per_image
+                and int(cached.min()) >= 0 and int(cached.max()) < image_tokenizer.codebook_size):
+            return TokenCache(cached, meta["texts"], meta["meta"])
+        log.warning("token cache %s does not hold %d images of %d codes in [0, %d): re-encoding", codes_path, n,
+                    image_tokenizer.tokens_per_image, image_tokenizer.codebook_size)
 
     world = ShapesWorld(seed=seed, image_size=image_size, split=split, length=n,
                         holdout_pairs=tuple(tuple(p) for p in holdout_pairs), category_weights=category_weights,
                         layout=layout, val_holdout_pairs=tuple(tuple(p) for p in val_holdout_pairs))
     codes, texts, metas = [], [], []
+    code_dtype = torch.int16 if image_tokenizer.codebook_size <= 2 ** 15 else torch.int32  # int16 would wrap
     for start in tqdm(range(0, n, batch_size), desc=f"VQ-encoding shapes {split} ({n} images)", unit="batch"):
         samples = [world[i] for i in range(start, min(n, start + batch_size))]
         with torch.inference_mode():
             batch_codes = image_tokenizer.encode(torch.stack([s.image for s in samples]))
-        codes.append(batch_codes.reshape(len(samples), -1).to(torch.int16))
+        codes.append(batch_codes.reshape(len(samples), -1).to(code_dtype))
         texts.extend(s.caption for s in samples)
         metas.extend({"category": s.category, "heldout": bool(s.heldout), "index": start + k}
                      for k, s in enumerate(samples))

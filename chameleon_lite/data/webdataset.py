@@ -320,7 +320,8 @@ class ShardStream(IterableDataset):
             report(where, REASON_NO_CAPTION, f"no caption member among {members}", "add <key>.txt or remove the sample")
             return None
         try:
-            text = raw["txt"].decode("utf-8")
+            # a .txt member's BOM and trailing newline are file artefacts, not caption: prompts carry neither
+            text = raw["txt"].decode("utf-8-sig").strip()
         except UnicodeDecodeError as err:
             report(where, REASON_NOT_UTF8, f"caption is not valid UTF-8 ({err.reason} at byte {err.start})",
                    "re-encode the caption as UTF-8")

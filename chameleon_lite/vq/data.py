@@ -105,6 +105,8 @@ def read_image_jsonl(jsonl: str | Path) -> list[Path]:
         except (json.JSONDecodeError, KeyError, TypeError):
             raise ValueError(f"{source}:{number}: expected a JSON object with an \"image\" path, got "
                              f"{line[:80]!r}") from None
+        if not isinstance(image, str) or not image:
+            raise ValueError(f"{source}:{number}: \"image\" must be a non-empty path string, got {image!r}")
         path = Path(image).expanduser()
         paths.append(path if path.is_absolute() else source.parent / path)
     if not paths:

@@ -13,10 +13,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -77,7 +78,7 @@ def load_image(source: str | os.PathLike | bytes | BinaryIO, max_pixels: int = D
     if size_bytes == 0:
         raise ImageLoadError(f"{name}: file is empty (0 bytes); re-export the image or remove the file")
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _pillow_pixel_limit(max_pixels):
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own budget applies below
             image = Image.open(fp)
     except UnidentifiedImageError:
@@ -90,13 +91,26 @@ def load_image(source: str | os.PathLike | bytes | BinaryIO, max_pixels: int = D
     with image:
         check_image_size(image.width, image.height, name, max_pixels, min_side)
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), _pillow_pixel_limit(max_pixels):
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
                 image.load()
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
             raise ImageLoadError(f"{name}: image data is corrupt or truncated ({err}); "
                                  "re-export the image or remove the file") from None
         return to_rgb(image)
+
+
+@contextlib.contextmanager
+def _pillow_pixel_limit(max_pixels: int) -> Iterator[None]:
+    """Pillow refuses images over 2 x ``Image.MAX_IMAGE_PIXELS`` (~179M) at open; a larger ``max_pixels`` asked
+    for is let through (this module's own check applies right after, on the header's size)."""
+    before = Image.MAX_IMAGE_PIXELS
+    if before is not None and max_pixels > 2 * before:
+        Image.MAX_IMAGE_PIXELS = max_pixels
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = before
 
 
 def check_image_size(width: int, height: int, name: str, max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -120,7 +134,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
         # Integer modes hold 16-bit samples (PNG/TIFF): keep the top 8 bits; PIL's own convert clips.
         values = np.asarray(image, dtype=np.int64).clip(0, 65535) // 257
         image = Image.fromarray(values.astype(np.uint8))
-    if image.mode == "P" and "transparency" in image.info:
+    if image.mode in ("P", "L", "RGB") and "transparency" in image.info:  # a palette index or tRNS colour key
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = image.convert("RGBA")

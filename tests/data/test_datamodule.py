@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from collections import Counter
 
 import numpy as np
 import pytest
+import torch
 
 from chameleon_lite.config import ConfigError, compose_config
 from chameleon_lite.data.datamodule import ChameleonDataModule, cache_documents, caption_targets
@@ -142,3 +144,28 @@ def test_loose_packing_is_logged_with_a_tighter_row_length(tiny_train_cfg, caplo
     tighter = ChameleonDataModule(tiny_train_cfg("data.n_train=64", f"data.seq_len={suggested}").data, cfg.tokenizer.dir)
     tighter.setup("fit")
     assert tighter.train_set.stats[0].real_fraction > max(0.9, dm.train_set.stats[0].real_fraction)
+
+
+def test_the_shapes_token_cache_follows_the_vq_config_and_refuses_a_damaged_file(tmp_path, caplog):
+    from safetensors.torch import load_file, save_file
+
+    from chameleon_lite.config import repo_path
+    from chameleon_lite.data.token_cache import load_or_build_shapes_cache
+    from chameleon_lite.vq.api import ImageTokenizer
+
+    vq_dir = repo_path("tokenizers/shapes")
+    tok = ImageTokenizer.from_pretrained(vq_dir)
+    build = {"seed": 0, "split": "val", "n": 8, "image_size": 64, "holdout_pairs": [["red", "triangle"]],
+             "batch_size": 8}
+    first = load_or_build_shapes_cache(tmp_path, vq_dir, tok, **build)
+    (path,) = tmp_path.glob("*.safetensors")
+    # the same weights under another vq.yaml (here l2_normalize flipped) may code otherwise: another key
+    other = ImageTokenizer.from_pretrained(vq_dir)
+    other.config = dataclasses.replace(tok.config, l2_normalize=not tok.config.l2_normalize)
+    load_or_build_shapes_cache(tmp_path, vq_dir, other, **build)
+    assert len(list(tmp_path.glob("*.safetensors"))) == 2
+    # a cache file whose codes are out of the codebook (e.g. written by an older int16 bug) is re-encoded
+    save_file({"codes": load_file(str(path))["codes"] * 0 - 5}, str(path))
+    with caplog.at_level(logging.WARNING):
+        again = load_or_build_shapes_cache(tmp_path, vq_dir, tok, **build)
+    assert "re-encoding" in caplog.text and torch.equal(again.codes, first.codes)

@@ -319,3 +319,13 @@ def test_training_on_shards_resumes_like_an_uninterrupted_run(corpus, tmp_path):
     expected, got = logged_losses(tmp_path / "ref"), logged_losses(tmp_path / "resumed")
     assert sorted(got) == [4, 5, 6]  # step 5 starts epoch 1
     assert got == pytest.approx({step: expected[step] for step in got}, abs=1e-6)
+
+
+def test_a_caption_files_bom_and_trailing_newline_are_not_trained_on(tmp_path, tok):
+    image = png(Image.fromarray(np.full((64, 64, 3), (220, 30, 30), dtype=np.uint8)))
+    docs = {}
+    for name, txt in (("plain", b"a red square"), ("as_saved", b"\xef\xbb\xbfa red square\r\n")):
+        (tmp_path / name).mkdir()
+        shard = write_shard(tmp_path / name / "shard.tar", [{"__key__": "k", "png": image, "txt": txt}])
+        docs[name] = documents(list(loader(data_cfg(str(shard), "data.batch_size=1"), tok, rows=1)), tok.vocab.bos_id)
+    assert docs["as_saved"] == docs["plain"] and len(docs["plain"]) == 1

@@ -303,3 +303,12 @@ def test_a_model_vocab_size_other_than_the_tokenizers_is_refused_before_training
     with pytest.raises(ConfigError, match=rf"model.vocab_size=2048 but .* {tokenizer.vocab.size} ids.*vocab_size=null"):
         build_model_config(cfg, tokenizer)
     assert build_model_config(compose_config("train", []), tokenizer).vocab_size == tokenizer.vocab.size
+
+
+def test_images_the_data_limits_allow_are_encoded_not_refused_again(tmp_path, tmp_path_factory):
+    (tmp_path / "img").mkdir()
+    Image.new("RGB", (5, 5), (200, 30, 30)).save(tmp_path / "img" / "five.png")  # below the default min_side=8
+    path = write_corpus(tmp_path, [b'{"image": "img/five.png", "text": "a tiny red square"}'] * 2)
+    dm = datamodule(tmp_path_factory.getbasetemp(), path, "data.min_side=4",
+                    f"data.cache_dir={tmp_path / 'cache'}")
+    assert not dm.skipped and dm.tokenizer.image.min_side == 4

@@ -115,6 +115,16 @@ def test_pixel_budget_guards_against_decompression_bombs(files):
         prepare_images(torch.zeros(3, 200, 100, dtype=torch.uint8), 32, max_pixels=10_000)
 
 
+def test_a_max_pixels_beyond_pillows_own_limit_is_honoured(tmp_path, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # Pillow refuses over 2x this at open
+    path = tmp_path / "wide.png"
+    Image.new("RGB", (100, 40), (0, 0, 255)).save(path)
+    assert load_image(path, max_pixels=10_000).size == (100, 40)
+    assert Image.MAX_IMAGE_PIXELS == 1000  # restored
+    with pytest.raises(ImageLoadError, match="exceeds max_pixels=3000"):
+        load_image(path, max_pixels=3000)
+
+
 def test_tiny_images_load_when_min_side_allows_them(files):
     assert load_image(files["tiny"], min_side=1).size == (1, 1)
     x = prepare_images(files["tiny"], 16, min_side=1)
@@ -156,6 +166,14 @@ def test_transparency_is_composited_onto_white_and_modes_become_rgb(tmp_path):
     palette.save(path, transparency=0)
     image = load_image(path)
     assert image.getpixel((0, 0)) == (255, 0, 0) and image.getpixel((5, 5)) == (255, 255, 255)
+    for mode, key, red in (("RGB", (0, 0, 0), (255, 0, 0)), ("L", 0, 200)):  # tRNS colour key, as optipng saves
+        keyed = Image.new(mode, (10, 10), key)
+        keyed.putpixel((0, 0), red)
+        path = tmp_path / f"trns_{mode}.png"
+        keyed.save(path, transparency=key)
+        image = load_image(path)
+        assert image.getpixel((5, 5)) == (255, 255, 255), mode
+        assert image.getpixel((0, 0)) == (red if mode == "RGB" else (200, 200, 200))
     cmyk = Image.new("CMYK", (10, 10), (0, 255, 255, 0))
     path = tmp_path / "cmyk.jpg"
     cmyk.save(path)
@@ -184,6 +202,9 @@ def test_jsonl_source_resolves_relative_paths_and_names_bad_lines(files, tmp_pat
     assert read_image_jsonl(jsonl) == [files["good"], files["big"]]
     jsonl.write_text(json.dumps({"image": "good.png"}) + "\n{\"path\": 1}\n")
     with pytest.raises(ValueError, match=r"images.jsonl:2: expected a JSON object"):
+        read_image_jsonl(jsonl)
+    jsonl.write_text(json.dumps({"image": 5}) + "\n")
+    with pytest.raises(ValueError, match=r"images.jsonl:1: \"image\" must be a non-empty path string, got 5"):
         read_image_jsonl(jsonl)
 
 
