@@ -5,7 +5,8 @@ same shape, the same batch and the same optimiser (fused AdamW); HF computes its
 cross-entropy, chameleon-lite what `chameleon-train` runs: `head_loss` (output head fused with
 cross-entropy + z-loss, chunk by chunk); the "head + lm_loss" row is the unfused ablation (full logits). Runs of the two are alternated
 round by round in this one process, so a noisy (shared) CPU slows both alike; the "vs HF" column is
-the median over rounds of the per-round ratio, "vs HF fp32" compares medians with HF's fp32 run.
+the median over rounds of the per-round ratio; "vs HF fp32" likewise against an HF fp32 step alternated in the
+same rounds (before session 14 it compared medians with the fp32 loop's HF run, minutes apart).
 
 On a shared machine use `--threads 1 --clock cpu` (CPU seconds of this process: the scheduler's
 waits do not count, and one thread does not spin on a descheduled partner). glibc returns every
@@ -32,6 +33,7 @@ from torch import nn
 from chameleon_lite.model import ChameleonLM, ModelConfig, head_loss, lm_loss
 
 HF = "HF transformers (reference)"
+HF_FP32 = "HF transformers, fp32 (the vs HF fp32 reference)"
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}  # bf16 = bf16-mixed: autocast over fp32 weights
 # wall: elapsed time (a quiet machine). cpu: this process's CPU seconds, which a shared machine's
 # scheduler does not inflate; with --threads 1 it measures the work itself.
@@ -99,7 +101,7 @@ def bench_shape(name: str, cfg: ModelConfig, args: argparse.Namespace) -> list[l
     doc_lens = torch.full((args.batch, n_docs), args.seq_len // n_docs)
     doc_lens[:, -1] += args.seq_len - doc_lens.sum(1)
     tokens = args.batch * args.seq_len
-    rows, hf_fp32 = [], None
+    rows = []
     for precision in args.precision.split(","):
         torch.manual_seed(0)
         variants: dict[str, Callable[[], None]] = {
@@ -112,6 +114,8 @@ def bench_shape(name: str, cfg: ModelConfig, args: argparse.Namespace) -> list[l
                 ChameleonLM(cfg).train(), False, ids, None, precision, fused_head=False
             ),
         }
+        if precision != "fp32":  # the "vs HF fp32" column's reference, alternated in the same rounds (drift cancels)
+            variants[HF_FP32] = training_step(hf_twin(cfg), True, ids, None, "fp32")
         notes = {name: "" for name in variants}
         if args.compile:  # what `chameleon-train compile=true` does: each decoder block compiled
             label = "chameleon-lite, compiled blocks"
@@ -128,11 +132,11 @@ def bench_shape(name: str, cfg: ModelConfig, args: argparse.Namespace) -> list[l
         for _ in range(args.rounds):
             for variant, step in variants.items():
                 times[variant].append(seconds_per_step(step, args.steps, CLOCKS[args.clock]))
-        if precision == "fp32":
-            hf_fp32 = statistics.median(times[HF])
+        reference = times.pop(HF_FP32, times[HF] if precision == "fp32" else None)
         for variant, seconds in times.items():
             ratio = statistics.median(r / s for r, s in zip(times[HF], seconds))
-            vs_fp32 = f"{hf_fp32 / statistics.median(seconds):.2f}x" if hf_fp32 else "-"
+            vs_fp32 = "-" if reference is None else \
+                f"{statistics.median(r / s for r, s in zip(reference, seconds)):.2f}x"
             rows.append([
                 name, precision, variant, f"{tokens / min(seconds):,.0f}",
                 f"{tokens / statistics.median(seconds):,.0f}", f"{ratio:.2f}x", vs_fp32, notes[variant],

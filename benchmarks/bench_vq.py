@@ -57,9 +57,13 @@ def hf_reference(model: VQModel) -> torch.nn.Module | None:
 
 
 def timed(fn: Callable[[], object]) -> tuple[float, float]:
-    """(wall seconds, process CPU seconds) of one call."""
+    """(wall seconds, process CPU seconds) of one call; on a GPU the queued kernels are waited for on both
+    sides (CUDA calls return before their work is done; CPU seconds then count only the launching)."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
     wall, cpu = time.perf_counter(), time.process_time()
     fn()
+    sync()
     return time.perf_counter() - wall, time.process_time() - cpu
 
 

@@ -112,11 +112,16 @@ class Generator:
                              batch_size: int = 16, candidates: int = 1,
                              negative_prompts: Sequence[str | Sequence[str]] | None = None,
                              negative_scale: float = 1.0) -> torch.Tensor:
-        """`generate_images` before decoding: VQ codes (len(prompts) * n, h, w)."""
+        """`generate_images` before decoding: VQ codes (len(prompts) * n, h * w), prompt-major."""
         _check_candidates(candidates)
         if isinstance(prompts, str):
             raise TypeError(f"prompts={prompts!r} is one string: pass a list of prompts, e.g. [{prompts!r}] "
                              "(a string would be read as one prompt per character)")
+        for name, value in (("n", n), ("batch_size", batch_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be an int >= 1")
+        if len(prompts) == 0:
+            raise ValueError("prompts is empty: pass at least one prompt, e.g. ['a red circle']")
         k = n * candidates
         ids = [self.builder.t2i_prompt(p) for p in prompts for _ in range(k)]
         negatives = None

@@ -114,9 +114,12 @@ class NonFiniteGuard(L.Callback):
                            checkpoint: dict[str, Any]) -> None:
         bad = first_nonfinite((k, v) for k, v in checkpoint.get("state_dict", {}).items()
                               if isinstance(v, Tensor) and v.is_floating_point())
-        if bad is not None:
-            raise NonFiniteError(f"refusing to write a checkpoint at step {trainer.global_step}: weight {bad} is "
-                                 f"not finite; the last good checkpoint is {last_checkpoint(trainer)}")
+        # every rank decides together: under FSDP only rank 0 holds the gathered weights, and a rank that went on
+        # to save alone would wait at the checkpoint's barrier until the collective timeout
+        if trainer.strategy.reduce_boolean_decision(bad is not None, all=False):
+            raise NonFiniteError(f"refusing to write a checkpoint at step {trainer.global_step}: weight "
+                                 f"{bad or '(on another rank)'} is not finite; the last good checkpoint is "
+                                 f"{last_checkpoint(trainer)}")
 
     @staticmethod
     def _message(trainer: L.Trainer, problem: str, step: int, detail: str, more_fixes: str) -> str:

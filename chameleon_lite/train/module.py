@@ -170,11 +170,15 @@ class ChameleonLightningModule(L.LightningModule):
     def configure_optimizers(self):
         o = self.hparams.optim
         decay, no_decay = [], []
-        for name, p in self.model.named_parameters():
-            if not p.requires_grad:
-                continue
-            # matrices of linear layers decay; norms, biases and embeddings do not (Chameleon / llama practice)
-            (decay if p.ndim >= 2 and "embed" not in name else no_decay).append(p)
+        # the weights of linear layers decay; norms (per-head QK-norm gains are 2-D too), biases and embeddings
+        # (a tied head included) do not (Chameleon / llama practice). Chosen by module, not by tensor rank: under
+        # FSDP the optimizer is built after wrapping, when every parameter is a flat 1-D view of its shard.
+        embedding = self.model.embed_tokens.weight
+        linear = {id(m.weight) for m in self.model.modules()
+                  if isinstance(m, torch.nn.Linear) and m.weight is not embedding}
+        for p in self.model.parameters():
+            if p.requires_grad:
+                (decay if id(p) in linear else no_decay).append(p)
         groups = [{"params": decay, "weight_decay": o["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}]
         opt = torch.optim.AdamW(groups, lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"])
         total = self.hparams.total_steps

@@ -50,3 +50,7 @@ def test_negative_prompts_need_classifier_free_guidance(tiny_generator):
 def test_one_string_as_prompts_is_refused_not_read_per_character(tiny_generator):
     with pytest.raises(TypeError, match=r"one string: pass a list of prompts, e.g. \['a red circle'\]"):
         tiny_generator.generate_images("a red circle")
+    for kwargs, match in (({"prompts": []}, "prompts is empty"), ({"prompts": ["a"], "n": 0}, r"n=0 must be an int"),
+                          ({"prompts": ["a"], "batch_size": 0}, r"batch_size=0 must be an int")):
+        with pytest.raises(ValueError, match=match):  # not torch.stack's "expects a non-empty TensorList"
+            tiny_generator.generate_images(**kwargs)

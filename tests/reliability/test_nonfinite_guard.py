@@ -101,11 +101,24 @@ def test_skip_mode_gives_up_after_too_many_consecutive_bad_steps(tmp_path, poiso
 
 
 def test_a_checkpoint_with_non_finite_weights_is_refused_before_writing():
-    trainer = SimpleNamespace(global_step=7, checkpoint_callbacks=[SimpleNamespace(last_model_path="run/last.ckpt")])
+    votes = []
+
+    def any_rank(decision, all):  # Lightning's argument names
+        votes.append((decision, all))
+        return decision or other_rank_bad
+
+    trainer = SimpleNamespace(global_step=7, checkpoint_callbacks=[SimpleNamespace(last_model_path="run/last.ckpt")],
+                              strategy=SimpleNamespace(reduce_boolean_decision=any_rank))
+    other_rank_bad = False
     state = {"state_dict": {"model.w": torch.tensor([1.0, math.nan]), "model.step": torch.tensor(3)}}
     with pytest.raises(NonFiniteError, match=r"step 7: weight model\.w is not finite; .* run/last\.ckpt"):
         NonFiniteGuard().on_save_checkpoint(trainer, None, state)
     NonFiniteGuard().on_save_checkpoint(trainer, None, {"state_dict": {"model.w": torch.ones(2)}})
+    # under FSDP another rank (rank 0) may hold the bad weights while this one holds none: it stops too
+    other_rank_bad = True
+    with pytest.raises(NonFiniteError, match=r"weight \(on another rank\) is not finite"):
+        NonFiniteGuard().on_save_checkpoint(trainer, None, {"state_dict": {}})
+    assert votes == [(True, False), (False, False), (False, False)]
 
 
 def test_bad_mode_is_a_config_error_naming_the_key():

@@ -44,3 +44,21 @@ def test_other_strategies_keep_lightnings_clipping(monkeypatch):
     monkeypatch.setattr(module, "clip_gradients", lambda *args: calls.append(args))
     module.configure_gradient_clipping(optimizer="opt", gradient_clip_val=0.5, gradient_clip_algorithm="norm")
     assert calls == [("opt", 0.5, "norm")]
+
+
+@pytest.mark.parametrize("extra", [{}, {"qk_norm_per_head": True, "tie_embeddings": True, "image_pos_embed": True,
+                                        "image_grid": 2, "image_ids": [24, 40]}])
+def test_weight_decay_reaches_exactly_the_linear_layers_weights(extra):
+    vocab = UnifiedVocab(n_text=40, n_image=16, n_reserved=2, pad_to_multiple=8)
+    module = ChameleonLightningModule(
+        model={"vocab_size": vocab.size, "dim": 32, "n_layers": 2, "n_heads": 4, "max_seq_len": 16, **extra},
+        optim={"lr": 1e-3, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1, "warmup_steps": 0,
+               "schedule": "constant", "min_lr_ratio": 0.1, "z_loss": 0.0}, vocab=vocab.to_dict(), total_steps=1)
+    decay, no_decay = module.configure_optimizers()["optimizer"].param_groups
+    names = {id(p): n for n, p in module.model.named_parameters()}
+    decayed = sorted(names[id(p)] for p in decay["params"])
+    expected = sorted(n for n, p in module.model.named_parameters() if n.endswith(("_proj.weight", "lm_head.weight")))
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert decayed == expected and len(decayed) == 4 * 2 + (0 if extra else 1)  # a tied head is the embedding
+    assert any("qk_norm" in names[id(p)] for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(names)
