@@ -115,6 +115,8 @@ def evaluate(cfg: DictConfig) -> dict:
         result = run_vq_eval(cfg)
         return {**result, "table": result.get("table", "")}
     for key in COUNTS[cfg.task]:  # before the model loads: a zero would score nothing or fail deep in sampling
+        if key == "max_batches" and cfg.get(key) is None:
+            continue  # null: every validation batch
         require(cfg, key, lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an int >= 1")
     require(cfg, "grid_examples", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
             "an int >= 0 (0 = no grid)")

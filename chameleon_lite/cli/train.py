@@ -68,13 +68,15 @@ def resolve_batch_tokens(cfg: DictConfig, trainer: L.Trainer) -> None:
 #: Settings a resumed run may change without changing what it trains: how it runs, not what it computes
 #: (a batch size change keeps the data position; `ChameleonDataModule`).
 RESUME_FREE = {"model": {"attn_impl", "grad_checkpointing"},
-               "data": {"num_workers", "cache_dir", "strict", "batch_size", "batch_tokens", "val_path", "val_shards"}}
+               "data": {"num_workers", "cache_dir", "strict", "batch_size", "batch_tokens", "encode_batch",
+                        "val_path", "val_shards", "n_val", "val_rows"}}
 
 
 def _differences(old: Any, new: Any, prefix: str) -> list[str]:
+    """Settings that differ; a key the checkpoint does not record (written before the key existed) is not one."""
     if isinstance(old, dict) and isinstance(new, dict):
-        return [d for key in sorted(set(old) | set(new), key=str)
-                for d in _differences(old.get(key), new.get(key), f"{prefix}.{key}")]
+        return [d for key in sorted(old, key=str)
+                for d in _differences(old[key], new.get(key), f"{prefix}.{key}")]
     return [] if old == new else [f"{prefix}: {old!r} in the checkpoint, {new!r} now"]
 
 
@@ -90,12 +92,15 @@ def check_resume(ckpt_file: str, module: ChameleonLightningModule, dm: Chameleon
     old = {**saved.get("hyper_parameters", {}), **saved.get("datamodule_hyper_parameters", {})}
     new = {**module.hparams, **dm.hparams}
     differences = []
-    for key in ("model", "optim", "training_data", "data"):
+    for key in ("model", "optim", "training_data", "data", "seed"):  # the seed draws the task mix and row order
         if key not in old:  # a checkpoint from before the key was recorded
             continue
         free = RESUME_FREE.get(key, set())
-        before, now = ({k: v for k, v in dict(d[key]).items() if k not in free} for d in (old, new))
-        differences += _differences(before, now, key)
+        if isinstance(old[key], dict):
+            before, now = ({k: v for k, v in dict(d[key]).items() if k not in free} for d in (old, new))
+            differences += _differences(before, now, key)
+        else:
+            differences += _differences(old[key], new.get(key), key)
     if old.get("total_steps") not in (None, new["total_steps"]):
         log.warning("resuming %s (trained for trainer.max_steps=%s) with trainer.max_steps=%s: the LR schedule is "
                     "rebuilt over the new length", ckpt_file, old["total_steps"], new["total_steps"])

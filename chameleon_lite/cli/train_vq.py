@@ -43,9 +43,10 @@ def train_vq(cfg: DictConfig) -> dict[str, Any]:
     existing = resolve_path(cfg.out_dir) / "vq.safetensors"
     if cfg.export and existing.exists() and not cfg.get("overwrite", False):
         # checked first: every model trained on that tokenizer would decode with the new codebook
-        raise ConfigError(f"out_dir={cfg.out_dir} already holds a VQ ({existing}), which this run would replace: "
-                          f"name the new one (vq.name=mine, exported to tokenizers/mine) or set out_dir=..., or "
-                          f"overwrite=true to replace it")
+        resuming = "resuming or extending a run exports there again: " if cfg.get("ckpt_path") else ""
+        raise ConfigError(f"out_dir={cfg.out_dir} already holds a VQ ({existing}), which this run would replace; "
+                          f"{resuming}name the new one (vq.name=mine, exported to tokenizers/mine) or set "
+                          f"out_dir=..., or overwrite=true to replace it")
     module = build_vq_module(cfg)
     datamodule = VQDataModule(image_size=module.config.image_size, seed=cfg.seed,
                               **OmegaConf.to_container(cfg.data, resolve=True))

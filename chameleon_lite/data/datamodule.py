@@ -161,7 +161,7 @@ class ChameleonDataModule(L.LightningDataModule):
         # The data settings as trained (``data.batch_size`` as ``data.batch_tokens`` re-derived it, which Hydra's
         # .hydra/config.yaml, written before, cannot show): Lightning logs them beside the module's hparams
         # (hparams.yaml, TensorBoard, W&B) and keeps them in checkpoints.
-        self.save_hyperparameters({"data": OmegaConf.to_container(data, resolve=True)})
+        self.save_hyperparameters({"data": OmegaConf.to_container(data, resolve=True), "seed": seed})
 
     # ------------------------------------------------------------------ Lightning hooks
     def prepare_data(self) -> None:

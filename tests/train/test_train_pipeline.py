@@ -35,6 +35,8 @@ def test_train_resume_export(tiny_train_cfg, tmp_path):
     # a resume that forgot the run's overrides is refused before training, naming what differs
     with pytest.raises(ConfigError, match=r"optim.lr: 0.003 in the checkpoint, 0.5 now.*data.loss_on"):
         train(tiny_train_cfg("ckpt_path=last", "trainer.max_steps=9", "optim.lr=0.5", "data.loss_on=completion"))
+    with pytest.raises(ConfigError, match=r"seed: 0 in the checkpoint, 5 now"):  # the seed draws the rows
+        train(tiny_train_cfg("ckpt_path=last", "trainer.max_steps=9", "seed=5"))
     # resume continues the step count from the checkpoint, and the loss history with it
     result2 = train(tiny_train_cfg("ckpt_path=last", "trainer.max_steps=9", "data.num_workers=0"))
     assert result2["global_step"] == 9
@@ -186,3 +188,12 @@ def test_tied_embeddings_export_and_load_back(tiny_train_cfg, tmp_path):
     assert exported.lm_head.weight is exported.embed_tokens.weight  # still one tensor
     for name, value in from_ckpt.state_dict().items():
         assert torch.equal(exported.state_dict()[name], value), name
+
+
+def test_resume_differences_ignore_what_an_older_checkpoint_does_not_record():
+    from chameleon_lite.cli.train import _differences
+
+    old = {"dim": 64, "qk_norm": True}  # written before image_pos_embed existed
+    assert _differences(old, {"dim": 64, "qk_norm": True, "image_pos_embed": False}, "model") == []
+    assert _differences(old, {"dim": 32, "qk_norm": True}, "model") == ["model.dim: 64 in the checkpoint, 32 now"]
+    assert _differences({"lr": 3e-3, "betas": [0.9, 0.95]}, {"lr": 0.003, "betas": [0.9, 0.95]}, "optim") == []
