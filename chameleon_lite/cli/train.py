@@ -72,10 +72,11 @@ RESUME_FREE = {"model": {"attn_impl", "grad_checkpointing"},
                         "val_path", "val_shards", "n_val", "val_rows"}}
 
 
-def _differences(old: Any, new: Any, prefix: str) -> list[str]:
-    """Settings that differ; a key the checkpoint does not record (written before the key existed) is not one."""
+def _differences(old: Any, new: Any, prefix: str, free: frozenset[str] | set[str] = frozenset()) -> list[str]:
+    """Settings that differ, but for the `free` keys of the top level; a key the checkpoint does not record
+    (written before the key existed) is not one."""
     if isinstance(old, dict) and isinstance(new, dict):
-        return [d for key in sorted(old, key=str)
+        return [d for key in sorted(old, key=str) if key not in free
                 for d in _differences(old[key], new.get(key), f"{prefix}.{key}")]
     return [] if old == new else [f"{prefix}: {old!r} in the checkpoint, {new!r} now"]
 
@@ -93,14 +94,8 @@ def check_resume(ckpt_file: str, module: ChameleonLightningModule, dm: Chameleon
     new = {**module.hparams, **dm.hparams}
     differences = []
     for key in ("model", "optim", "training_data", "data", "seed"):  # the seed draws the task mix and row order
-        if key not in old:  # a checkpoint from before the key was recorded
-            continue
-        free = RESUME_FREE.get(key, set())
-        if isinstance(old[key], dict):
-            before, now = ({k: v for k, v in dict(d[key]).items() if k not in free} for d in (old, new))
-            differences += _differences(before, now, key)
-        else:
-            differences += _differences(old[key], new.get(key), key)
+        if key in old:  # (a checkpoint from before the key was recorded has none)
+            differences += _differences(old[key], new.get(key), key, RESUME_FREE.get(key, frozenset()))
     if old.get("total_steps") not in (None, new["total_steps"]):
         log.warning("resuming %s (trained for trainer.max_steps=%s) with trainer.max_steps=%s: the LR schedule is "
                     "rebuilt over the new length", ckpt_file, old["total_steps"], new["total_steps"])
