@@ -34,6 +34,8 @@ shapes world it did not raise caption accuracy: README Results).
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
@@ -115,15 +117,15 @@ class SamplingConfig:
         for modality in ("text", "image"):
             temperature = getattr(self, f"{modality}_temperature")
             top_k, top_p = getattr(self, f"{modality}_top_k"), getattr(self, f"{modality}_top_p")
-            if not temperature >= 0:
-                raise ValueError(f"{modality}_temperature={temperature!r} must be >= 0 (0 = greedy)")
+            if not 0 <= temperature < math.inf:  # inf: every logit x 0, NaN
+                raise ValueError(f"{modality}_temperature={temperature!r} must be finite and >= 0 (0 = greedy)")
             _check_int(f"{modality}_top_k", top_k, minimum=0, note=" (0 = no top-k)")
             if not 0 < top_p <= 1:
                 raise ValueError(f"{modality}_top_p={top_p!r} must be in (0, 1] (1 = no top-p)")
         for name in ("cfg_scale", "cfg_image_scale", "negative_scale", "text_cfg_scale"):
             scale = getattr(self, name)
-            if scale is not None and not scale >= 0:
-                raise ValueError(f"{name}={scale!r} must be >= 0 (or None for no guidance)")
+            if scale is not None and not 0 <= scale < math.inf:
+                raise ValueError(f"{name}={scale!r} must be finite and >= 0 (or None for no guidance)")
         if self.cfg_image_scale is not None and self.cfg_scale is None:
             raise ValueError("cfg_image_scale needs cfg_scale: three-row guidance mixes both scales")
         if self.negative_scale is not None and self.cfg_scale is None:
@@ -325,9 +327,11 @@ class Sampler:
 
     def _check_stop_ids(self, stop_ids: tuple[int, ...]) -> None:
         for i in stop_ids:
-            if not 0 <= i < self.vocab.size or i == self.vocab.pad_id or self.vocab.is_image_id(i):
-                raise ValueError(f"stop id {i} must be a non-image, non-<pad> id in [0, {self.vocab.size}): "
-                                 "image codes are drawn only inside an image, <pad> marks finished rows")
+            used = self.vocab.image_offset + self.vocab.n_image  # above: padding ids the model never learnt
+            if not 0 <= i < used or i == self.vocab.pad_id or self.vocab.is_image_id(i):
+                raise ValueError(f"stop id {i} must be a non-image, non-<pad> id in [0, {used}): image codes are "
+                                 "drawn only inside an image, <pad> marks finished rows, ids from "
+                                 f"{used} up only pad the vocabulary")
 
     def _initial_left(self, index: int, prompt: list[int]) -> int:
         """Modality state after the prompt: -1 (text) unless its last ``<boi>`` is still open."""

@@ -320,16 +320,18 @@ def test_prompt_with_text_inside_an_open_image_raises(sampler, vocab):
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"cfg_scale": -0.5}, "cfg_scale=-0.5 must be >= 0"),
-        ({"cfg_scale": 2.0, "cfg_image_scale": -1.0}, "cfg_image_scale=-1.0 must be >= 0"),
+        ({"cfg_scale": -0.5}, "cfg_scale=-0.5 must be finite and >= 0"),
+        ({"cfg_scale": 2.0, "cfg_image_scale": -1.0}, "cfg_image_scale=-1.0 must be finite and >= 0"),
         ({"cfg_image_scale": 1.5}, "cfg_image_scale needs cfg_scale"),
         ({"negative_scale": 1.0}, "negative_scale needs cfg_scale"),
-        ({"cfg_scale": 2.0, "negative_scale": -1.0}, "negative_scale=-1.0 must be >= 0"),
+        ({"cfg_scale": 2.0, "negative_scale": -1.0}, "negative_scale=-1.0 must be finite and >= 0"),
         ({"max_new_tokens": 0}, "max_new_tokens=0"),
         ({"text_temperature": -1.0}, "text_temperature"),
         ({"image_top_p": 0.0}, "image_top_p"),
         ({"image_top_k": -3}, "image_top_k"),
         ({"text_cfg_scale": -1.0}, "text_cfg_scale"),
+        ({"text_temperature": float("inf")}, "text_temperature=inf must be finite"),  # inf x logits = NaN
+        ({"cfg_scale": float("inf")}, "cfg_scale=inf must be finite"),
     ],
 )
 def test_bad_sampling_configs_raise(kwargs, match):
@@ -340,6 +342,10 @@ def test_bad_sampling_configs_raise(kwargs, match):
 def test_bad_stop_ids_and_mismatched_vocab_raise(sampler, model, vocab, prompts):
     with pytest.raises(ValueError, match="stop id"):
         sampler.generate(prompts, SamplingConfig(max_new_tokens=4, stop_ids=(vocab.image_offset,)))
+    padding = vocab.image_offset + vocab.n_image  # the first id that only pads the vocabulary
+    assert padding < vocab.size
+    with pytest.raises(ValueError, match=f"ids from {padding} up only pad"):
+        sampler.generate(prompts, SamplingConfig(max_new_tokens=4, stop_ids=(padding,)))
     with pytest.raises(ValueError, match="vocab_size"):
         Sampler(model, UnifiedVocab(n_text=500, n_image=16), tokens_per_image=4)
 
