@@ -66,7 +66,8 @@ def resolve_batch_tokens(cfg: DictConfig, trainer: L.Trainer) -> None:
 
 
 #: Settings a resumed run may change without changing what it trains: how it runs, not what it computes
-#: (a batch size change keeps the data position; `ChameleonDataModule`).
+#: (the batch size at an epoch boundary; inside an epoch the loader refuses another global batch,
+#: `ResumableDataLoader.load_state_dict`).
 RESUME_FREE = {"model": {"attn_impl", "grad_checkpointing"},
                "data": {"num_workers", "cache_dir", "strict", "batch_size", "batch_tokens", "encode_batch",
                         "val_path", "val_shards", "n_val", "val_rows"}}
@@ -121,6 +122,12 @@ def train(cfg: DictConfig) -> dict:
     dm.setup("fit")
     vocab = dm.tokenizer.vocab
     model_cfg = build_model_config(cfg, dm.tokenizer)
+    packed = getattr(dm, "train_set", None)  # (streamed shards pack as they go: no epoch statistics)
+    if model_cfg.image_pos_embed and packed is not None and packed.stats[0].split_documents:
+        raise ConfigError(f"model.image_pos_embed=true counts each image code's cell from its image's start, but "
+                          f"{packed.stats[0].split_documents} documents are longer than data.seq_len={cfg.data.seq_len} "
+                          "and split across rows (data.overflow=split), where a continued image would restart at "
+                          "cell 0: raise data.seq_len, set data.overflow=reject, or model.image_pos_embed=false")
     max_steps = require(cfg, "trainer.max_steps", lambda v: isinstance(v, int) and v > 0, "a positive int")
     module = ChameleonLightningModule(model=model_cfg.__dict__, optim=OmegaConf.to_container(cfg.optim, resolve=True),
                                       vocab=vocab.to_dict(), total_steps=max_steps,

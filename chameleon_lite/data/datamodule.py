@@ -144,6 +144,10 @@ class ChameleonDataModule(L.LightningDataModule):
         self.tokenizer_dir = Path(tokenizer_dir)
         self.seed = seed
         self.skipped: Counter[str] = Counter()
+        #: streamed shards (``source=webdataset``) are counted by each process for its own shards (the module
+        #: sums them over processes); the other sources load all records in every process
+        self.skipped_per_process = data.source == "webdataset"
+        self.val_skipped: Counter[str] = Counter()  # streamed validation rows, counted in their first pass
         self.tokenizer: MultimodalTokenizer | None = None
         self.train_set: PackedDataset | None = None
         self.val_set: PackedDataset | None = None
@@ -231,16 +235,24 @@ class ChameleonDataModule(L.LightningDataModule):
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         if self.cfg.source == "webdataset":  # the same rows at every validation: always epoch 0
             key = "val_shards" if self.cfg.val_shards else "train_shards"
-            return self._shard_loader(key, "val_rows", rank, world, 0, lambda: 0)
-        sampler = ResumableRowSampler(len(self.val_set), rank=rank, world_size=world)
-        return ResumableDataLoader(self.val_set, sampler, batch_size=min(self.cfg.batch_size, len(sampler)))
+            if not self.cfg.resample and len(shard_urls(self.cfg[key], key)) < world:
+                log.info("data.%s has fewer shards than the %d processes: every process validates on all %d "
+                         "rows (the same mean, computed %d times)", key, world, self.cfg.val_rows, world)
+                rank, world = 0, 1
+            return self._shard_loader(key, "val_rows", rank, world, 0, lambda: 0, self.val_skipped, count_once=True)
+        # the same rows at every validation (Lightning hands the training epoch to this sampler too), none dropped
+        sampler = ResumableRowSampler(len(self.val_set), rank=rank, world_size=world, fixed_epoch=True)
+        return ResumableDataLoader(self.val_set, sampler, batch_size=min(self.cfg.batch_size, len(sampler)),
+                                   drop_last=False)
 
     # ------------------------------------------------------------------ helpers
     def _shard_loader(self, key: str, rows_key: str, rank: int, world: int, num_workers: int,
-                      epoch_of: Callable[[], int]) -> ShardLoader:
+                      epoch_of: Callable[[], int], skipped: Counter | None = None,
+                      count_once: bool = False) -> ShardLoader:
         return shard_loader(self.cfg, key, self._load_tokenizer(), task_weights(self.cfg.tasks), rows_key=rows_key,
                             seed=self.seed, rank=rank, world_size=world, num_workers=num_workers,
-                            epoch_of=epoch_of, skipped=self.skipped)
+                            epoch_of=epoch_of, skipped=self.skipped if skipped is None else skipped,
+                            count_once=count_once)
 
     def _fit_epoch(self) -> int:
         """The epoch Lightning hands to samplers' ``set_epoch`` (a streaming loader has no sampler)."""

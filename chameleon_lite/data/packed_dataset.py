@@ -47,12 +47,20 @@ class PackedDataset(Dataset):
     def rows(self, epoch: int) -> list[PackedRow]:
         """The packed rows of ``epoch``, built once; kept: epoch 0 (it sizes the epoch) and the latest other.
         (A per-instance cache: a method-level ``lru_cache`` would be shared by the train and val sets and
-        evict one for the other at every validation.)"""
+        evict one for the other at every validation.)
+
+        Every epoch trains ``len(rows(0))`` rows: another epoch's documents (other tasks drawn) may pack into a
+        few rows more or fewer, and the difference is logged (rows left out, or the first rows read twice)."""
         if epoch not in self._rows:
             stats = PackingStats()
             rows = list(pack_documents(self.make_documents(epoch), self.seq_len, self.pad_id, self.overflow,
                                        self.lookahead, stats))
             self.stats[epoch] = stats
+            if epoch != 0 and 0 in self._rows and len(rows) != len(self._rows[0]):
+                n0 = len(self._rows[0])
+                log.info("epoch %d packs %d rows, epoch 0 %d: every epoch trains %d rows, so %d rows of this "
+                         "epoch are %s", epoch, len(rows), n0, n0, abs(len(rows) - n0),
+                         "left out" if len(rows) > n0 else "its first rows, read twice")
             for old in [e for e in self._rows if e != 0]:
                 del self._rows[old]
             self._rows[epoch] = rows
@@ -73,15 +81,17 @@ class PackedDataset(Dataset):
 class ResumableRowSampler(Sampler):
     """Yields ``(epoch, row)`` for this rank's share of one epoch, starting at ``start``."""
 
-    def __init__(self, n_rows: int, rank: int = 0, world_size: int = 1):
+    def __init__(self, n_rows: int, rank: int = 0, world_size: int = 1, fixed_epoch: bool = False):
         self.n_rows = n_rows
         self.rank = rank
         self.world_size = world_size
+        self.fixed_epoch = fixed_epoch  # validation: the same rows (epoch 0's documents) at every pass
         self.epoch = 0
         self.start = 0  # samples of this rank's share already consumed in ``epoch``
 
     def set_epoch(self, epoch: int) -> None:
-        if epoch != self.epoch:
+        """Lightning calls this on the training *and* validation samplers with the training epoch."""
+        if epoch != self.epoch and not self.fixed_epoch:
             self.epoch, self.start = epoch, 0
 
     def __len__(self) -> int:
@@ -102,9 +112,10 @@ class ResumableDataLoader(DataLoader):
     uninterrupted one. The rows themselves never depend on any RNG.
     """
 
-    def __init__(self, dataset: PackedDataset, sampler: ResumableRowSampler, batch_size: int, **kwargs):
+    def __init__(self, dataset: PackedDataset, sampler: ResumableRowSampler, batch_size: int,
+                 drop_last: bool = True, **kwargs):
         kwargs.setdefault("generator", torch.Generator())
-        super().__init__(dataset, batch_size=batch_size, sampler=sampler, drop_last=True, **kwargs)
+        super().__init__(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last, **kwargs)
         self._rows = 0  # rows of this rank's share of the epoch consumed so far
 
     def __iter__(self):
@@ -115,25 +126,36 @@ class ResumableDataLoader(DataLoader):
         self.sampler.start = 0  # a completed epoch; the next one starts from its beginning
 
     def state_dict(self) -> dict:
-        return {"epoch": self.sampler.epoch, "rows": self._rows, "world_size": self.sampler.world_size}
+        return {"epoch": self.sampler.epoch, "rows": self._rows, "world_size": self.sampler.world_size,
+                "batch_size": self.batch_size}
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue the saved epoch where it stopped, also on another number of processes or batch size.
+        """Continue the saved epoch where it stopped, also on another number of processes.
 
         Ranks take rows round-robin, so after ``rows`` rows per rank on ``world_size`` processes exactly the
-        epoch's first ``rows * world_size`` rows are consumed, whatever the batch size; each rank of the
-        resumed run continues at its share of that count. When the count does not split evenly over the new
-        processes it is rounded down (a few rows are seen twice, never skipped) and a warning says so.
+        epoch's first ``rows * world_size`` rows are consumed; each rank of the resumed run continues at its
+        share of that count. When the count does not split evenly over the new processes it is rounded down
+        (a few rows are seen twice, never skipped) and a warning says so. The global batch (processes x
+        batch size) must stay the same inside an epoch: Lightning restores how many batches of the epoch
+        were drawn and ends the epoch when that count reaches ``len(loader)``, so a larger batch would end it
+        before its last rows (a `ValueError` says so; at an epoch boundary any batch size resumes).
         """
-        self.sampler.epoch = int(state["epoch"])
         saved_world = int(state.get("world_size", self.sampler.world_size))
         rows = int(state["rows"]) if "rows" in state else int(state["batches"]) * self.batch_size  # states written before "rows"
         consumed, world = rows * saved_world, self.sampler.world_size
+        saved_batch = state.get("batch_size")  # (not recorded before 2026-11-24: not checked)
+        if rows and saved_batch is not None and saved_world * int(saved_batch) != world * self.batch_size:
+            raise ValueError(f"the checkpoint stopped inside epoch {int(state['epoch'])} with a global batch of "
+                             f"{saved_world} process(es) x data.batch_size={saved_batch} rows; this run has "
+                             f"{world} x {self.batch_size}. Resume with the same global batch (data.batch_tokens "
+                             "keeps it when trainer.devices changes), or from a checkpoint at an epoch boundary: "
+                             "Lightning counts the epoch's batches in the old size and would end it early")
+        self.sampler.epoch = int(state["epoch"])
         self.sampler.start = consumed // world
         if saved_world != world:
             log.info("resuming epoch %d on %d processes (checkpoint: %d): %d rows were consumed, each rank "
                      "continues at row %d of its share", self.sampler.epoch, world, saved_world, consumed,
                      self.sampler.start)
-            if consumed % world:
+            if consumed % world:  # (only from a state that does not record its batch size)
                 log.warning("the %d consumed rows do not split over %d processes: the last %d are read again",
                             consumed, world, consumed % world)

@@ -123,12 +123,14 @@ def shard_urls(spec: str | list[str] | ListConfig, key: str) -> list[str]:
 
 def shard_loader(cfg: DictConfig, key: str, tok: MultimodalTokenizer, tasks: tuple[list[str], np.ndarray], *,
                  rows_key: str, seed: int, rank: int = 0, world_size: int = 1, num_workers: int = 0,
-                 epoch_of: Callable[[], int] = lambda: 0, skipped: Counter | None = None) -> ShardLoader:
+                 epoch_of: Callable[[], int] = lambda: 0, skipped: Counter | None = None,
+                 count_once: bool = False) -> ShardLoader:
     """The loader of this process over the shards of ``cfg[key]`` (``cfg`` is the ``data`` config).
 
     ``tasks`` are the task names and probabilities of image-caption pairs; ``cfg[rows_key]`` packed
     rows per epoch over all ``world_size`` processes; ``epoch_of()`` says the epoch when an iteration
-    starts; skipped samples are counted into ``skipped``. Raises
+    starts; skipped samples are counted into ``skipped`` (``count_once``: in the first complete pass only,
+    for a loader that reads the same rows at every pass). Raises
     :class:`ConfigError` for too few rows for one batch, or fewer shards than streams without
     ``data.resample``.
     """
@@ -146,7 +148,7 @@ def shard_loader(cfg: DictConfig, key: str, tok: MultimodalTokenizer, tasks: tup
     stream = ShardStream(urls, key, tok, tasks, cfg, seed=seed, rank=rank, world_size=world_size, batches=batches)
     log.info("data.%s: %d shards, %d batches of %d rows per process per epoch (%d streams%s)", key, len(urls),
              batches, cfg.batch_size, streams, ", resampled" if cfg.resample else "")
-    return ShardLoader(stream, epoch_of, Counter() if skipped is None else skipped, num_workers)
+    return ShardLoader(stream, epoch_of, Counter() if skipped is None else skipped, num_workers, count_once)
 
 
 class ShardLoader(DataLoader):
@@ -158,10 +160,13 @@ class ShardLoader(DataLoader):
     private generator so that starting an iterator never shifts the global torch RNG.
     """
 
-    def __init__(self, stream: ShardStream, epoch_of: Callable[[], int], skipped: Counter, num_workers: int = 0):
+    def __init__(self, stream: ShardStream, epoch_of: Callable[[], int], skipped: Counter, num_workers: int = 0,
+                 count_once: bool = False):
         super().__init__(stream, batch_size=None, num_workers=num_workers, generator=torch.Generator())
         self.epoch_of = epoch_of
         self.skipped = skipped
+        self.count_once = count_once  # validation: every pass reads the same rows, count their skips once
+        self._counting = True
         self._batches = 0
 
     def __iter__(self):
@@ -171,10 +176,12 @@ class ShardLoader(DataLoader):
             stream.epoch, stream.start = epoch, 0
         self._batches = stream.start
         for batch, skips in super().__iter__():
-            self.skipped.update(skips)
+            if self._counting:
+                self.skipped.update(skips)
             self._batches += 1
             yield batch
         stream.start = 0  # a completed epoch; the next one starts from its beginning
+        self._counting = not self.count_once
 
     def state_dict(self) -> dict:
         stream: ShardStream = self.dataset

@@ -10,6 +10,7 @@ in every checkpoint and checked when tokenizers are paired with it again.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from typing import Any
 
 import lightning as L
@@ -35,6 +36,15 @@ def lr_lambda(step: int, warmup: int, total: int, schedule: str, min_ratio: floa
     if schedule == "cosine":
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
     return min_ratio ** progress  # exponential
+
+
+def _sum_over_processes(counts: Counter) -> Counter:
+    """The counts of every process added up (a collective: every process must call it)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return Counter(counts)
+    gathered: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, dict(counts))
+    return sum((Counter(c) for c in gathered), Counter())
 
 
 class ChameleonLightningModule(L.LightningModule):
@@ -159,12 +169,19 @@ class ChameleonLightningModule(L.LightningModule):
     def on_train_epoch_end(self) -> None:
         dm = getattr(self.trainer, "datamodule", None)
         skipped = getattr(dm, "skipped", None)
-        if skipped is not None:
-            total = sum(skipped.values())
-            self.log("data/skipped_records", float(total), rank_zero_only=True)
-            if total and self.trainer.is_global_zero:
-                reasons = "; ".join(f"{n} x {why}" for why, n in skipped.most_common())
-                print(f"[data] epoch {self.current_epoch}: skipped {total} records: {reasons}")
+        if skipped is None:
+            return
+        val_skipped = getattr(dm, "val_skipped", Counter())
+        if getattr(dm, "skipped_per_process", False):  # each process counted its own shards: add them up
+            skipped, val_skipped = (_sum_over_processes(c) for c in (skipped, val_skipped))
+        total = sum(skipped.values())
+        self.log("data/skipped_records", float(total), rank_zero_only=True)
+        if not self.trainer.is_global_zero:
+            return
+        for what, counts in (("records", skipped), ("validation records (per pass)", val_skipped)):
+            if n := sum(counts.values()):
+                reasons = "; ".join(f"{k} x {why}" for why, k in counts.most_common())
+                print(f"[data] epoch {self.current_epoch}: skipped {n} {what}: {reasons}")
 
     # ------------------------------------------------------------------ optimiser
     def configure_optimizers(self):

@@ -36,8 +36,9 @@ def _read(loader: ResumableDataLoader, batches: int | None = None) -> list[int]:
     return rows
 
 
-@pytest.mark.parametrize("before, after", [((1, 4), (1, 4)), ((1, 4), (2, 2)), ((2, 2), (1, 3)), ((2, 3), (4, 1))])
-def test_resume_reads_each_remaining_row_once_whatever_the_processes_and_batch(before, after):
+@pytest.mark.parametrize("before, after", [((1, 4), (1, 4)), ((1, 4), (2, 2)), ((2, 2), (4, 1)), ((2, 3), (3, 2)),
+                                           ((2, 3), (1, 6))])
+def test_resume_reads_each_remaining_row_once_on_other_processes_at_the_same_global_batch(before, after):
     (world, batch), (new_world, new_batch) = before, after
     old = _loaders(world, batch)
     read = [row for loader in old for row in _read(loader, batches=3)]
@@ -52,13 +53,41 @@ def test_resume_reads_each_remaining_row_once_whatever_the_processes_and_batch(b
     assert not set(range(max(rest) + 1)) - set(read) - set(rest)  # nothing skipped
     assert N_ROWS // new_world * new_world - max(rest) - 1 < new_world * new_batch  # read to the epoch's end
 
-def test_an_uneven_split_rereads_rather_than_skips_and_warns(caplog):
+@pytest.mark.parametrize("after", [(1, 8), (2, 4), (1, 3)])
+def test_another_global_batch_inside_an_epoch_is_refused_and_any_resumes_at_its_end(after):
+    """Lightning restores how many batches of the epoch were drawn and stops at len(loader): with a larger
+    global batch the resumed epoch would end before its last rows (seen with a real Trainer: 48 rows, 3 steps
+    of 4, resumed with 8: rows 36-47 never read)."""
+    old = _loaders(1, 4)
+    _read(old[0], batches=3)
+    resumed = _loaders(*after)
+    with pytest.raises(ValueError, match=r"global batch of 1 process\(es\) x data.batch_size=4 rows"):
+        resumed[0].load_state_dict(old[0].state_dict())
+    _read(old[0])  # the epoch read to its end: the next starts from row 0, whatever the batch
+    for loader in resumed:
+        loader.load_state_dict({**old[0].state_dict(), "rows": 0, "epoch": 1})
+    assert sorted(row for loader in resumed for row in _read(loader)) == list(range(N_ROWS // after[0] // after[1]
+                                                                                     * after[0] * after[1]))
+
+
+def test_validation_reads_the_same_rows_every_epoch_and_drops_none():
+    sampler = ResumableRowSampler(10, fixed_epoch=True)
+    loader = ResumableDataLoader(RowIds(), sampler, batch_size=4, drop_last=False)
+    sampler.set_epoch(3)  # Lightning hands the training epoch to the validation sampler too
+    assert list(sampler) == [(0, r) for r in range(10)] and _read(loader) == list(range(10))
+    training = ResumableRowSampler(10)
+    training.set_epoch(3)
+    assert next(iter(training)) == (3, 0)
+
+
+def test_an_uneven_split_of_an_old_state_rereads_rather_than_skips_and_warns(caplog):
     old = _loaders(1, 5)
     read = _read(old[0], batches=1)  # rows 0-4: 5 rows do not split over 2 processes
     resumed = _loaders(2, 2)
+    state = {k: v for k, v in old[0].state_dict().items() if k != "batch_size"}  # written before it was recorded
     with caplog.at_level(logging.WARNING):
         for loader in resumed:
-            loader.load_state_dict(old[0].state_dict())
+            loader.load_state_dict(state)
     assert "the last 1 are read again" in caplog.text
     first = [_read(loader, batches=1) for loader in resumed]
     assert sorted(row for rows in first for row in rows) == [4, 5, 6, 7]  # row 4 again, nothing skipped

@@ -223,6 +223,26 @@ def test_fewer_shards_than_streams_needs_resampling(corpus, tok):
     assert len(list(ranks[7])) == 1
 
 
+def test_one_validation_shard_validates_every_process_on_all_rows_counting_skips_once(corpus, tmp_path, tok):
+    """Two processes and one val shard (README: data.val_shards=shards/val-000000.tar with trainer=ddp): not the
+    "fewer shards than streams" error, but the same val rows on both; a bad val sample is counted in the first
+    pass only, apart from the training skips."""
+    from types import SimpleNamespace
+
+    val = bad_shard(tmp_path, {"png": "TRUNCATED", "txt": b"a red square"})
+    cfg = data_cfg(corpus.pattern, f"data.val_shards='{val}'", "data.val_rows=1", "data.batch_size=1")
+    rows, modules = [], []
+    for rank in range(2):
+        dm = ChameleonDataModule(cfg, tokenizer_dir=TOKENIZERS_DIR / "shapes")
+        dm.trainer = SimpleNamespace(global_rank=rank, world_size=2)
+        loader = dm.val_dataloader()
+        rows.append([batch["input_ids"] for _ in range(2) for batch in loader])  # two validation passes
+        modules.append(dm)
+    assert len(rows[0]) == 2 and all(torch.equal(a, b) for a, b in zip(*rows))
+    assert torch.equal(rows[0][0], rows[0][1])
+    assert all(dm.val_skipped == Counter({"image data corrupt or truncated": 1}) and not dm.skipped for dm in modules)
+
+
 def count_encoded_images(tok, monkeypatch) -> list[int]:
     calls: list[int] = []
     encode = tok.encode_images

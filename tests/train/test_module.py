@@ -62,3 +62,33 @@ def test_weight_decay_reaches_exactly_the_linear_layers_weights(extra):
     assert decayed == expected and len(decayed) == 4 * 2 + (0 if extra else 1)  # a tied head is the embedding
     assert any("qk_norm" in names[id(p)] for p in no_decay["params"])
     assert len(decay["params"]) + len(no_decay["params"]) == len(names)
+
+
+def _count_on(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    import json
+    from collections import Counter
+
+    import torch.distributed as dist
+
+    from chameleon_lite.train.module import _sum_over_processes
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        total = _sum_over_processes(Counter({"bad image": rank + 1, f"only on rank {rank}": 1}))
+        with open(f"{out_dir}/{rank}.json", "w") as f:
+            json.dump(total, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_streamed_skip_counts_are_added_up_over_processes(tmp_path):
+    """Each process streams its own shards, so its skip counter holds only its share: the epoch report sums them
+    (rank 0 alone used to print and log its own count)."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    mp.spawn(_count_on, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    for rank in range(2):
+        total = json.loads((tmp_path / f"{rank}.json").read_text())
+        assert total == {"bad image": 3, "only on rank 0": 1, "only on rank 1": 1}

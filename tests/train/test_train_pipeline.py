@@ -86,6 +86,15 @@ def test_image_pos_embed_gets_grid_and_image_ids_from_the_tokenizers(tiny_train_
     assert model.image_row_embed.weight.shape == model.image_col_embed.weight.shape == (8, model.cfg.dim)
 
 
+
+def test_image_pos_embed_refuses_documents_split_across_rows(tiny_train_cfg):
+    """A continued chunk restarts at position 0 and its codes would be embedded from cell 0."""
+    from chameleon_lite.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"documents are longer than data.seq_len=48 .* data.overflow=reject"):
+        train(tiny_train_cfg("model.image_pos_embed=true", "data.seq_len=48", "trainer.max_steps=2"))
+
+
 def test_checkpoint_vocab_mismatch_is_refused(tiny_train_cfg, tmp_path):
     train(tiny_train_cfg("trainer.max_steps=3"))
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
