@@ -247,12 +247,18 @@ def run_vq_eval(cfg: Mapping[str, Any]) -> dict[str, Any]:
             folder_paths = list_image_folder(resolve_path(folder))
         except (OSError, ValueError) as err:
             raise ConfigError(f"vq.folder={folder}: {str(err).split(': ', 1)[-1]}") from None
+    photos = list(_select(cfg, "vq.photos", DEFAULT_PHOTOS)) if _select(cfg, "vq.photo_crops", True) else []
+    if photos:  # checked now too, not after the shapes passes
+        import skimage.data
+
+        if unknown := [name for name in photos if not callable(getattr(skimage.data, str(name), None))]:
+            raise ConfigError(f"vq.photos={photos}: {unknown} are not images of skimage.data (e.g. "
+                              f"{', '.join(DEFAULT_PHOTOS)}); fix vq.photos or set vq.photo_crops=false")
     tokenizer = ImageTokenizer.from_pretrained(tokenizer_dir, device=_select(cfg, "device", "cpu"))
     split, batch_size = _select(cfg, "vq.split", "val"), int(_select(cfg, "vq.batch_size", 64))
     data = ShapesWorld(seed=int(_select(cfg, "data.seed", 0)), image_size=tokenizer.image_size, split=split,
                        length=int(_select(cfg, "vq.n_images", 512)), layout=_select(cfg, "data.layout", "unambiguous"))
     samples = [data[i] for i in range(len(data))]  # rendered once: the split and (test) its held-out part
-    photos = list(_select(cfg, "vq.photos", DEFAULT_PHOTOS)) if _select(cfg, "vq.photo_crops", True) else []
     result: dict[str, Any] = {
         "task": "vq", "tokenizer": str(tokenizer_dir), "split": split, "image_size": tokenizer.image_size,
         "tokens_per_image": tokenizer.tokens_per_image, "codebook_size": tokenizer.codebook_size,

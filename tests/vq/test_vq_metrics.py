@@ -123,3 +123,6 @@ def test_a_bad_vq_folder_is_named_before_any_work(tok, tmp_path):
         (unreadable / name).write_bytes(b"not an image")
     with pytest.raises(ValueError, match=r"none of the 2 image files of .*unreadable could be read"):
         run_vq_eval(OmegaConf.merge(cfg, {"vq": {"folder": str(unreadable)}}))
+    photo_typo = OmegaConf.merge(cfg, {"vq": {"folder": None, "photo_crops": True, "photos": ["astronut"]}})
+    with pytest.raises(ConfigError, match=r"\['astronut'\] are not images of skimage.data"):
+        run_vq_eval(photo_typo)
