@@ -52,7 +52,8 @@ def test_bad_checkpoint_path_is_a_clear_error(tmp_path):
 
 
 @pytest.mark.parametrize("task", ["geneval", "caption", "perplexity", "caption scene_search.rounds=2",
-                                  "composition n_probe=2", "geneval image_negative_scale=1.0 image_negative_edits=[kind]"])
+                                  "composition n_probe=2", "geneval image_negative_scale=1.0 image_negative_edits=[kind]",
+                                  "geneval image_rerank=scene"])
 def test_eval_tasks_write_json_markdown_grid(tiny_checkpoint, tmp_path, task):
     task, *extra = task.split()
     res = evaluate(compose_config("eval", [f"task={task}", f"ckpt={tiny_checkpoint}", f"out_dir={tmp_path}",
@@ -66,7 +67,11 @@ def test_eval_tasks_write_json_markdown_grid(tiny_checkpoint, tmp_path, task):
     assert "cache_dir" not in written["data"] and ("loss_on" in written["data"]) == (task == "perplexity")
     if task == "geneval":
         assert written["settings"]["images_per_prompt"] == 2 and written["settings"]["image_candidates"] == 2
-        assert ("image_negative_edits" in written["settings"]) == bool(extra)  # moot without negatives
+        negatives, scene = any("negative" in e for e in extra), any("rerank" in e for e in extra)
+        assert ("image_negative_edits" in written["settings"]) == negatives  # moot without negatives
+        # the default ranking is recorded as before the option existed, so older results still compare
+        assert written["settings"].get("image_rerank") == ("scene" if scene else None)
+        assert written["settings"].get("image_rerank_edits") == (["kind"] if scene else None)
     elif task == "caption":
         assert written["settings"]["scene_search"] == ({"rounds": 2, "caption_weight": 0.5} if extra else {"rounds": 0})
     if task == "composition":
@@ -112,7 +117,8 @@ def test_eval_warns_when_the_model_was_trained_on_another_world(tiny_checkpoint,
 
 @pytest.mark.parametrize("override", ["caption scene_search.rounds=-1", "caption scene_search.caption_weight=-0.5",
                                       "geneval image_negative_scale=-1", "geneval image_negative_scale=1 cfg_scale=null",
-                                      "geneval image_negative_edits=[colour]"])
+                                      "geneval image_negative_edits=[colour]", "geneval image_rerank=clip",
+                                      "geneval image_rerank_edits=[colour]"])
 def test_eval_bad_setting_names_the_key_before_any_sampling(tiny_checkpoint, tmp_path, override):
     task, *overrides = override.split()
     cfg = compose_config("eval", [f"task={task}", f"ckpt={tiny_checkpoint}", f"out_dir={tmp_path}", *overrides])

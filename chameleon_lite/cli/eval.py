@@ -20,7 +20,8 @@ TASKS = ("geneval", "caption", "perplexity", "composition", "vq")
 #: results can be compared only with results of the same protocol (`chameleon_lite.cli.compare_evals`).
 SETTINGS = {
     "geneval": ("n_prompts", "images_per_prompt", "cfg_scale", "image_temperature", "image_top_k",
-                "image_candidates", "image_negative_scale", "image_negative_edits", "seed", "quantize"),
+                "image_candidates", "image_rerank", "image_rerank_edits", "image_negative_scale",
+                "image_negative_edits", "seed", "quantize"),
     "caption": ("n_images", "caption_temperature", "caption_cfg_scale", "caption_candidates",
                 "caption_candidate_temperature", "scene_search", "seed", "quantize"),
     "composition": ("n_probe", "seed"),
@@ -44,6 +45,10 @@ def protocol(cfg: DictConfig) -> dict:
     settings = {k: plain(cfg[k]) for k in SETTINGS[cfg.task]}
     if settings.get("image_negative_scale") == 0:
         settings.pop("image_negative_edits")  # no negatives drawn: which edits would make them is moot
+    if "image_rerank" in settings and (settings["image_rerank"] == "caption" or settings["image_candidates"] == 1):
+        # the default ranking (or none): the protocol of results written before the option existed
+        settings.pop("image_rerank")
+        settings.pop("image_rerank_edits")
     if "scene_search" in settings and settings["scene_search"]["rounds"] == 0:
         settings["scene_search"] = {"rounds": 0}
     return {"split": "val" if cfg.task == "perplexity" else cfg.split, "settings": settings,
@@ -123,12 +128,15 @@ def evaluate(cfg: DictConfig) -> dict:
     gen = _generator(cfg)
     _check_world(cfg, gen)
     if cfg.task == "geneval":
-        from chameleon_lite.eval.geneval import run_geneval
+        from chameleon_lite.eval.geneval import RERANKS, run_geneval
         from chameleon_lite.eval.scene_search import EDITS
 
         require(cfg, "image_negative_scale", lambda v: isinstance(v, (int, float)) and v >= 0,
                 "a number >= 0 (0 = off)")
         require(cfg, "image_negative_edits", lambda v: OmegaConf.is_list(v) and len(v) > 0 and set(v) <= set(EDITS),
+                f"a non-empty list of {', '.join(EDITS)}")
+        require(cfg, "image_rerank", lambda v: v in RERANKS, f"one of {', '.join(RERANKS)}")
+        require(cfg, "image_rerank_edits", lambda v: OmegaConf.is_list(v) and len(v) > 0 and set(v) <= set(EDITS),
                 f"a non-empty list of {', '.join(EDITS)}")
         if cfg.image_negative_scale > 0 and cfg.cfg_scale is None:
             raise ConfigError("image_negative_scale > 0 adds to classifier-free guidance: set cfg_scale "
@@ -137,7 +145,8 @@ def evaluate(cfg: DictConfig) -> dict:
                                                  cfg.cfg_scale, cfg.image_temperature, cfg.image_top_k, cfg.seed,
                                                  candidates=cfg.image_candidates,
                                                  negative_scale=cfg.image_negative_scale,
-                                                 negative_edits=list(cfg.image_negative_edits))
+                                                 negative_edits=list(cfg.image_negative_edits),
+                                                 rerank=cfg.image_rerank, rerank_edits=list(cfg.image_rerank_edits))
         table = markdown_table(category_rows(summary, ["accuracy"]), ["category", "n", "accuracy", STDERR_COLUMN])
     elif cfg.task == "caption":
         from chameleon_lite.eval.captioning import run_captioning

@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -21,6 +21,10 @@ from chameleon_lite.generation.quantize import apply_quantize
 from chameleon_lite.generation.sampler import Sampler, SamplingConfig
 from chameleon_lite.model import ChameleonLM
 from chameleon_lite.multimodal_tokenizer import MultimodalTokenizer
+
+#: Best-of-N score for candidate images: (the prompt index of each candidate, their codes (N, h * w)) -> N
+#: scores, higher kept.
+RerankFn = Callable[[Sequence[int], torch.Tensor], torch.Tensor]
 
 
 def _check_candidates(candidates: int) -> None:
@@ -87,7 +91,7 @@ class Generator:
                         temperature: float = 0.6, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
                         batch_size: int = 16, candidates: int = 1,
                         negative_prompts: Sequence[str | Sequence[str]] | None = None,
-                        negative_scale: float = 1.0) -> torch.Tensor:
+                        negative_scale: float = 1.0, rerank: RerankFn | None = None) -> torch.Tensor:
         """Text -> image. Returns float images (len(prompts) * n, 3, H, W) in [0, 1], prompt-major.
 
         The defaults (CFG 2, image temperature 0.6) are conf/eval.yaml's, chosen on the shapes val split:
@@ -97,21 +101,23 @@ class Generator:
         ``candidates`` > 1: draw ``n * candidates`` images per prompt and keep the ``n`` whose codes make
         the prompt most likely as their caption, log p(prompt | image) under the model itself (best-of-N
         reranking, as DALL-E did with CLIP, here with the captioning direction of the same model; kept
-        images stay in drawing order).
+        images stay in drawing order). ``rerank`` replaces that score: called with each candidate's prompt
+        index and the candidates' codes, it returns one score per candidate, higher kept (`RerankFn`; e.g.
+        `chameleon_lite.eval.geneval.scene_reranker`).
 
         ``negative_prompts``: per prompt, a text (or a list of texts, taken in turn by its images) that
         guidance steers away from with weight ``negative_scale`` (`SamplingConfig.negative_scale`; needs
         ``cfg_scale``). A negative that differs from its prompt in one attribute ("a red square" for "a
         red triangle") pushes towards what only the prompt says, here the triangle."""
         codes = self.generate_image_codes(prompts, n, cfg_scale, temperature, top_k, top_p, seed, batch_size,
-                                          candidates, negative_prompts, negative_scale)
+                                          candidates, negative_prompts, negative_scale, rerank)
         return self.tok.decode_images(codes)
 
     def generate_image_codes(self, prompts: Sequence[str], n: int = 1, cfg_scale: float | None = 2.0,
                              temperature: float = 0.6, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
                              batch_size: int = 16, candidates: int = 1,
                              negative_prompts: Sequence[str | Sequence[str]] | None = None,
-                             negative_scale: float = 1.0) -> torch.Tensor:
+                             negative_scale: float = 1.0, rerank: RerankFn | None = None) -> torch.Tensor:
         """`generate_images` before decoding: VQ codes (len(prompts) * n, h * w), prompt-major."""
         _check_candidates(candidates)
         if isinstance(prompts, str):
@@ -139,7 +145,14 @@ class Generator:
         codes = torch.stack(codes)
         if candidates == 1:
             return codes
-        scores = self.prompt_log_likelihood([p for p in prompts for _ in range(k)], codes)
+        if rerank is None:
+            scores = self.prompt_log_likelihood([p for p in prompts for _ in range(k)], codes)
+        else:
+            scores = torch.as_tensor(rerank([i for i in range(len(prompts)) for _ in range(k)], codes),
+                                     dtype=torch.float32)
+            if scores.shape != (len(codes),):
+                raise ValueError(f"rerank returned scores of shape {tuple(scores.shape)} for {len(codes)} "
+                                 "candidates: return one score per candidate")
         keep = scores.view(len(prompts), k).topk(n, dim=1).indices.sort(dim=1).values  # (P, n), drawing order
         per_prompt = codes.view(len(prompts), k, *codes.shape[1:])
         return per_prompt[torch.arange(len(prompts))[:, None], keep].flatten(0, 1)

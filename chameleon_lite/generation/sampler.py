@@ -35,7 +35,6 @@ shapes world it did not raise caption accuracy: README Results).
 from __future__ import annotations
 
 import math
-
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from enum import IntEnum

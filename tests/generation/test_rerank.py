@@ -52,6 +52,44 @@ def test_image_candidates_keep_the_images_that_best_explain_the_prompt(gen):
     assert torch.equal(images, gen.tok.decode_images(kept))
 
 
+def test_a_custom_reranker_chooses_and_a_wrong_shaped_one_is_a_clear_error(gen):
+    n, candidates = 2, 3
+    pool = gen.generate_image_codes(PROMPTS, n=n * candidates, seed=5)
+    seen = []
+
+    def by_first_code(prompt_index, codes):  # any deterministic score of the codes
+        seen.append(list(prompt_index))
+        return codes[:, 0].float()
+
+    kept = gen.generate_image_codes(PROMPTS, n=n, seed=5, candidates=candidates, rerank=by_first_code)
+    assert seen == [[0] * 6 + [1] * 6]
+    for i in range(len(PROMPTS)):
+        block = pool[i * n * candidates:(i + 1) * n * candidates]
+        best = sorted(block[:, 0].float().topk(n).indices.tolist())
+        assert torch.equal(kept[i * n:(i + 1) * n], block[best])
+    with pytest.raises(ValueError, match="one score per candidate"):
+        gen.generate_image_codes(PROMPTS, n=n, seed=5, candidates=candidates, rerank=lambda i, c: torch.zeros(2))
+
+
+def test_scene_reranker_is_the_posterior_of_the_prompt_scene_among_its_neighbours(gen):
+    from chameleon_lite.data.shapes import canonical_caption, parse_caption
+    from chameleon_lite.eval.geneval import scene_reranker
+    from chameleon_lite.eval.scene_search import neighbours
+
+    specs = [parse_caption(p) for p in PROMPTS]
+    codes = gen.generate_image_codes(PROMPTS, n=2, seed=3)
+    index = [0, 0, 1, 1]
+    scores = scene_reranker(gen, specs)(index, codes)
+    assert scores.shape == (4,) and bool((scores <= 0).all())
+    for row, i in enumerate(index):
+        scenes = [specs[i], *neighbours(specs[i], ("kind",))]
+        assert len(scenes) == (9 if i == 0 else 17)  # 5 colours + 3 shapes per object kind, and the scene
+        ll = gen.image_log_likelihood([canonical_caption(s) for s in scenes], codes[row:row + 1].expand(len(scenes), -1))
+        torch.testing.assert_close(scores[row], ll[0] - ll.logsumexp(0), rtol=1e-4, atol=1e-4)
+        # the posteriors of the whole neighbourhood sum to one: a classifier, not a likelihood
+        assert abs(float((ll - ll.logsumexp(0)).exp().sum()) - 1) < 1e-4
+
+
 def test_caption_candidates_never_explain_the_image_worse_than_the_greedy_caption(gen):
     images = gen.generate_images(PROMPTS, n=2, seed=1)
     codes = gen.tok.encode_images(images)
