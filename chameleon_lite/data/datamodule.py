@@ -148,6 +148,7 @@ class ChameleonDataModule(L.LightningDataModule):
         #: sums them over processes); the other sources load all records in every process
         self.skipped_per_process = data.source == "webdataset"
         self.val_skipped: Counter[str] = Counter()  # streamed validation rows, counted in their first pass
+        self.val_split_over_processes = False  # whether each process validates on its own val shards
         self.tokenizer: MultimodalTokenizer | None = None
         self.train_set: PackedDataset | None = None
         self.val_set: PackedDataset | None = None
@@ -239,6 +240,7 @@ class ChameleonDataModule(L.LightningDataModule):
                 log.info("data.%s has fewer shards than the %d processes: every process validates on all %d "
                          "rows (the same mean, computed %d times)", key, world, self.cfg.val_rows, world)
                 rank, world = 0, 1
+            self.val_split_over_processes = world > 1
             return self._shard_loader(key, "val_rows", rank, world, 0, lambda: 0, self.val_skipped, count_once=True)
         # the same rows at every validation (Lightning hands the training epoch to this sampler too), none dropped
         sampler = ResumableRowSampler(len(self.val_set), rank=rank, world_size=world, fixed_epoch=True)

@@ -166,7 +166,7 @@ class ShardLoader(DataLoader):
         self.epoch_of = epoch_of
         self.skipped = skipped
         self.count_once = count_once  # validation: every pass reads the same rows, count their skips once
-        self._counting = True
+        self._counted: set[tuple[int, int]] = set()  # (epoch, batch) whose skips are counted (count_once)
         self._batches = 0
 
     def __iter__(self):
@@ -176,12 +176,15 @@ class ShardLoader(DataLoader):
             stream.epoch, stream.start = epoch, 0
         self._batches = stream.start
         for batch, skips in super().__iter__():
-            if self._counting:
+            # per batch, not per finished pass: Lightning stops a validation pass at len(loader) or
+            # limit_val_batches without exhausting the iterator
+            if not self.count_once or (key := (stream.epoch, self._batches)) not in self._counted:
                 self.skipped.update(skips)
+                if self.count_once:
+                    self._counted.add(key)
             self._batches += 1
             yield batch
         stream.start = 0  # a completed epoch; the next one starts from its beginning
-        self._counting = not self.count_once
 
     def state_dict(self) -> dict:
         stream: ShardStream = self.dataset

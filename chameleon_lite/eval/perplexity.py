@@ -56,5 +56,5 @@ def evaluate_perplexity(model: ChameleonLM, vocab: UnifiedVocab, loader, max_bat
     for name, total in sums.items():
         if counts[name]:
             ce = total / counts[name]
-            result[name] = {"ce": ce, "perplexity": math.exp(ce) if ce < 700 else math.inf, "tokens": counts[name]}
+            result[name] = {"ce": ce, "perplexity": math.exp(ce) if not ce >= 700 else math.inf, "tokens": counts[name]}
     return result

@@ -173,7 +173,9 @@ class ChameleonLightningModule(L.LightningModule):
             return
         val_skipped = getattr(dm, "val_skipped", Counter())
         if getattr(dm, "skipped_per_process", False):  # each process counted its own shards: add them up
-            skipped, val_skipped = (_sum_over_processes(c) for c in (skipped, val_skipped))
+            skipped = _sum_over_processes(skipped)
+        if getattr(dm, "val_split_over_processes", False):  # (else every process read the same val rows)
+            val_skipped = _sum_over_processes(val_skipped)
         total = sum(skipped.values())
         self.log("data/skipped_records", float(total), rank_zero_only=True)
         if not self.trainer.is_global_zero:

@@ -63,9 +63,12 @@ def test_another_global_batch_inside_an_epoch_is_refused_and_any_resumes_at_its_
     resumed = _loaders(*after)
     with pytest.raises(ValueError, match=r"global batch of 1 process\(es\) x data.batch_size=4 rows"):
         resumed[0].load_state_dict(old[0].state_dict())
-    _read(old[0])  # the epoch read to its end: the next starts from row 0, whatever the batch
+    _read(old[0])  # the epoch read to its end (the state a checkpoint after its last batch holds)
     for loader in resumed:
-        loader.load_state_dict({**old[0].state_dict(), "rows": 0, "epoch": 1})
+        loader.load_state_dict(old[0].state_dict())
+    assert [row for loader in resumed for row in _read(loader)] == []  # nothing of epoch 0 is left
+    for loader in resumed:
+        loader.sampler.set_epoch(1)  # the next starts from row 0, whatever the batch
     assert sorted(row for loader in resumed for row in _read(loader)) == list(range(N_ROWS // after[0] // after[1]
                                                                                      * after[0] * after[1]))
 
