@@ -52,7 +52,13 @@ def protocol(cfg: DictConfig) -> dict:
     if "scene_search" in settings and settings["scene_search"]["rounds"] == 0:
         settings["scene_search"] = {"rounds": 0}
     return {"split": "val" if cfg.task == "perplexity" else cfg.split, "settings": settings,
-            "data": {k: plain(cfg.data[k]) for k in DATA_KEYS[cfg.task] if k in cfg.data}}
+            "data": {k: _without_zero_tasks(k, plain(cfg.data[k])) for k in DATA_KEYS[cfg.task] if k in cfg.data}}
+
+
+def _without_zero_tasks(key: str, value):
+    """``data.tasks`` as the documents it draws: a weight-0 task (``uncond: 0``, listed since 2026-11-24) draws
+    none, so results from before it was listed still compare."""
+    return {task: w for task, w in value.items() if w} if key == "tasks" else value
 
 
 def _world(cfg: DictConfig, n: int):

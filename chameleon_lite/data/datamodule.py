@@ -22,7 +22,7 @@ from chameleon_lite.config import ConfigError
 from chameleon_lite.data.jsonl import JsonlCache, check_jsonl_config, load_or_build_jsonl_cache
 from chameleon_lite.data.packed_dataset import PackedDataset, ResumableDataLoader, ResumableRowSampler
 from chameleon_lite.data.packing import REASON_NO_LOSS
-from chameleon_lite.data.sequences import Document, SequenceBuilder
+from chameleon_lite.data.sequences import PAIR_TASKS, Document, SequenceBuilder
 from chameleon_lite.data.shapes import CATEGORIES, CaptionParseError, canonical_caption, parse_caption
 from chameleon_lite.data.token_cache import TokenCache, load_or_build_shapes_cache
 from chameleon_lite.data.webdataset import ShardLoader, check_webdataset_config, shard_loader, shard_urls
@@ -30,7 +30,7 @@ from chameleon_lite.multimodal_tokenizer import MultimodalTokenizer
 
 log = logging.getLogger(__name__)
 
-TASKS = ("t2i", "caption")
+TASKS = PAIR_TASKS
 SOURCES = ("shapes", "jsonl", "webdataset")
 CAPTION_TARGETS = ("as_is", "canonical", "relation")
 
@@ -130,10 +130,8 @@ def cache_documents(cache: TokenCache, builder: SequenceBuilder, tasks: dict, se
     choice = rng.choice(len(names), size=len(cache), p=p)
     docs = []
     for i, t in zip(order.tolist(), choice.tolist()):
-        if names[t] == "t2i":
-            docs.append(builder.text_to_image(cache.texts[i], cache.codes[i]))
-        else:
-            docs.append(builder.image_to_text(cache.codes[i], captions[i]))
+        text = cache.texts[i] if names[t] == "t2i" else captions[i]  # prompts as cached, captioning targets
+        docs.append(builder.pair_document(names[t], text, cache.codes[i]))
     return docs
 
 

@@ -118,8 +118,7 @@ class JsonlCache:
             record = self.records[i]
             if record.paired:
                 (_, image), (_, text) = record.parts
-                docs.append(builder.text_to_image(text, self.codes[image]) if task_names[t] == "t2i"
-                            else builder.image_to_text(self.codes[image], text))
+                docs.append(builder.pair_document(task_names[t], text, self.codes[image]))
             else:
                 docs.append(builder.document([TextSegment(v) if kind == "text" else ImageSegment(self.codes[v])
                                               for kind, v in record.parts]))

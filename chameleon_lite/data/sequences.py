@@ -5,7 +5,10 @@ image segment is ``<boi> code_1 ... code_N <eoi>``. The task layouts of the Cham
 
     text -> image   <bos> caption <boi> codes <eoi> <eos>
     image -> text   <bos> <boi> codes <eoi> caption <eos>
+    unconditional   <bos> <boi> codes <eoi> <eos>   (a pair's caption dropped, as for classifier-free guidance)
     interleaved     any number of text and image segments in any order
+
+An image-caption pair becomes one of the first three by its task (`PAIR_TASKS`, `SequenceBuilder.pair_document`).
 
 ``loss_mask[t]`` says whether token ``t`` is a prediction target (predicted from tokens ``< t``).
 ``loss_on="all"`` trains on every token after ``<bos>``. It also teaches the unconditional image
@@ -28,6 +31,11 @@ import numpy as np
 import torch
 
 from chameleon_lite.vocab import UnifiedVocab
+
+#: The documents an image-caption pair can make (``data.tasks`` weighs them): text -> image, image -> text, and the
+#: image alone (its caption dropped: under ``loss_on=completion`` the only source of the unconditional image
+#: distribution that classifier-free guidance subtracts; README Results, session 15).
+PAIR_TASKS = ("t2i", "caption", "uncond")
 
 IGNORE_INDEX = -100
 LossOn = Literal["all", "completion", "no_prompt_text"]
@@ -122,6 +130,16 @@ class SequenceBuilder:
 
     def image_to_text(self, codes: torch.Tensor, caption: str) -> Document:
         return self.document([ImageSegment(codes), TextSegment(caption)], n_prompt_segments=1)
+
+    def pair_document(self, task: str, text: str, codes: torch.Tensor) -> Document:
+        """The document of an image-caption pair for ``task`` (one of `PAIR_TASKS`)."""
+        if task == "t2i":
+            return self.text_to_image(text, codes)
+        if task == "caption":
+            return self.image_to_text(codes, text)
+        if task == "uncond":
+            return self.document([ImageSegment(codes)])
+        raise ValueError(f"task {task!r} is not one of {', '.join(PAIR_TASKS)}")
 
     # ------------------------------------------------------------------------------ prompts
     def t2i_prompt(self, caption: str) -> list[int]:

@@ -363,8 +363,7 @@ class ShardStream(IterableDataset):
         """``codes`` (images of the group, tokens_per_image) are indexed by the sample's image parts."""
         if sample.task is not None:
             (_, image), (_, text) = sample.parts
-            return (self.builder.text_to_image(text, codes[image]) if sample.task == "t2i"
-                    else self.builder.image_to_text(codes[image], text))
+            return self.builder.pair_document(sample.task, text, codes[image])
         return self.builder.document([TextSegment(v) if kind == "text" else ImageSegment(codes[v])
                                       for kind, v in sample.parts])
 
@@ -384,7 +383,7 @@ class _Sample:
 
     where: str  # shard:key
     parts: list[tuple[str, object]]
-    task: str | None  # "t2i" / "caption" for an image-caption pair, None for an interleaved document
+    task: str | None  # one of PAIR_TASKS for an image-caption pair, None for an interleaved document
 
 
 class _EncodeGroup:

@@ -41,6 +41,24 @@ def test_canonical_target_rewrites_captioning_documents_only(tiny_train_cfg):
     assert dm.train_set.stats[0].documents == 64
 
 
+def test_an_uncond_share_of_the_pairs_trains_images_alone_under_completion(tiny_train_cfg):
+    """data.tasks.uncond=0.1 (t2i and caption 0.45 each) with loss_on=completion: about a tenth of the documents
+    are images alone, whose codes carry the loss (CFG's unconditional model); the caption documents' images do not."""
+    cfg = tiny_train_cfg("data.n_train=200", "data.loss_on=completion", "data.tasks.t2i=0.45", "data.tasks.caption=0.45",
+                         "data.tasks.uncond=0.1")
+    dm = ChameleonDataModule(cfg.data, cfg.tokenizer.dir)
+    tok = dm._load_tokenizer()
+    cache, _ = dm._caches(tok)
+    builder = tok.builder("completion")
+    docs = cache_documents(cache, builder, dict(cfg.data.tasks), seed=0, epoch=0)
+    alone = {tuple(builder.pair_document("uncond", "", c).input_ids) for c in cache.codes}
+    uncond = [d for d in docs if tuple(d.input_ids) in alone]
+    assert 8 <= len(uncond) <= 35  # ~20 of 200
+    assert all(d.loss_mask[1:-1].all() for d in uncond)
+    with pytest.raises(ConfigError, match="data.tasks=.*among \\('t2i', 'caption', 'uncond'\\)"):
+        cache_documents(cache, builder, {"t2i": 1, "edit": 1}, seed=0, epoch=0)
+
+
 def test_relation_target_says_where_two_objects_are(tiny_train_cfg):
     """caption_target=relation: captions of two different single objects state a relation that holds
     between the drawn objects; other captions, and the text-to-image prompts, stay as they are."""

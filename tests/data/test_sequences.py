@@ -49,6 +49,26 @@ def test_no_prompt_text_trains_images_everywhere_and_captions_after_their_image(
     assert (i2t.loss_mask == SequenceBuilder(VOCAB, fake_encode).image_to_text(torch.arange(4), "xy").loss_mask).all()
 
 
+@pytest.mark.parametrize("loss_on", ["all", "completion", "no_prompt_text"])
+def test_a_pair_makes_each_task_s_document_and_uncond_is_cfg_s_unconditional_row(loss_on):
+    """``uncond`` drops the caption: <bos> <boi> codes <eoi> <eos>, the image a target under every loss_on, its
+    prefix the sampler's unconditional row; under completion it is the only document that trains p(image)."""
+    b = SequenceBuilder(VOCAB, fake_encode, loss_on=loss_on)
+    codes = torch.arange(4)
+    assert b.pair_document("t2i", "ab", codes).input_ids.tolist() == b.text_to_image("ab", codes).input_ids.tolist()
+    caption = b.pair_document("caption", "xy", codes)
+    assert caption.loss_mask.tolist() == b.image_to_text(codes, "xy").loss_mask.tolist()
+    uncond = b.pair_document("uncond", "ab", codes)
+    v = VOCAB
+    assert uncond.input_ids.tolist() == [v.bos_id, v.boi_id, *v.image_to_ids([0, 1, 2, 3]), v.eoi_id, v.eos_id]
+    assert uncond.input_ids.tolist()[:2] == b.unconditional_image_prompt()
+    assert uncond.loss_mask.tolist() == [False] + [True] * 7
+    images_trained = caption.loss_mask[1:7].all()
+    assert images_trained == (loss_on != "completion")
+    with pytest.raises(ValueError, match="'i2i' is not one of t2i, caption, uncond"):
+        b.pair_document("i2i", "ab", codes)
+
+
 def test_interleaved_any_order(builder):
     segs = [ImageSegment(torch.tensor([5])), TextSegment("a"), ImageSegment(torch.tensor([6, 7])), TextSegment("b")]
     doc = builder.document(segs)
