@@ -143,15 +143,16 @@ class ResumableDataLoader(DataLoader):
         saved_world = int(state.get("world_size", self.sampler.world_size))
         rows = int(state["rows"]) if "rows" in state else int(state["batches"]) * self.batch_size  # states written before "rows"
         consumed, world = rows * saved_world, self.sampler.world_size
-        saved_batch = state.get("batch_size")  # (not recorded before 2026-11-24: not checked)
-        # a state saved after the epoch's last batch holds its whole share: any batch size goes on from there
-        complete = saved_batch is not None and rows >= self.sampler.n_rows // saved_world // int(saved_batch) * int(saved_batch)
-        if rows and not complete and saved_batch is not None and saved_world * int(saved_batch) != world * self.batch_size:
-            raise ValueError(f"the checkpoint stopped inside epoch {int(state['epoch'])} with a global batch of "
-                             f"{saved_world} process(es) x data.batch_size={saved_batch} rows; this run has "
-                             f"{world} x {self.batch_size}. Resume with the same global batch (data.batch_tokens "
-                             "keeps it when trainer.devices changes), or from a checkpoint at an epoch boundary: "
-                             "Lightning counts the epoch's batches in the old size and would end it early")
+        if "batch_size" in state:  # (not recorded before 2026-11-24: not checked)
+            saved_batch = int(state["batch_size"])
+            share = self.sampler.n_rows // saved_world // saved_batch * saved_batch  # rows per rank of a whole epoch
+            inside = 0 < rows < share  # a state saved after the epoch's last batch: any batch size goes on from there
+            if inside and saved_world * saved_batch != world * self.batch_size:
+                    raise ValueError(f"the checkpoint stopped inside epoch {int(state['epoch'])} with a global batch of "
+                                 f"{saved_world} process(es) x data.batch_size={saved_batch} rows; this run has "
+                                 f"{world} x {self.batch_size}. Resume with the same global batch (data.batch_tokens "
+                                 "keeps it when trainer.devices changes), or from a checkpoint at an epoch boundary: "
+                                 "Lightning counts the epoch's batches in the old size and would end it early")
         self.sampler.epoch = int(state["epoch"])
         self.sampler.start = consumed // world
         if saved_world != world:
