@@ -30,7 +30,6 @@ from chameleon_lite.multimodal_tokenizer import MultimodalTokenizer
 
 log = logging.getLogger(__name__)
 
-TASKS = PAIR_TASKS
 SOURCES = ("shapes", "jsonl", "webdataset")
 CAPTION_TARGETS = ("as_is", "canonical", "relation")
 
@@ -105,9 +104,9 @@ def caption_targets(cache: TokenCache, target: str) -> list[str]:
 
 def task_weights(tasks: dict) -> tuple[list[str], np.ndarray]:
     names = [t for t, w in tasks.items() if w]
-    unknown = [t for t in names if t not in TASKS]
+    unknown = [t for t in names if t not in PAIR_TASKS]
     if unknown or not names:
-        raise ConfigError(f"data.tasks={dict(tasks)} is invalid: weights for tasks among {TASKS}, at least one > 0")
+        raise ConfigError(f"data.tasks={dict(tasks)} is invalid: weights for tasks among {PAIR_TASKS}, at least one > 0")
     w = np.asarray([float(tasks[t]) for t in names])
     if (w < 0).any():
         raise ConfigError(f"data.tasks={dict(tasks)}: weights must be >= 0")
@@ -145,7 +144,7 @@ class ChameleonDataModule(L.LightningDataModule):
         #: streamed shards (``source=webdataset``) are counted by each process for its own shards (the module
         #: sums them over processes); the other sources load all records in every process
         self.skipped_per_process = data.source == "webdataset"
-        self.val_skipped: Counter[str] = Counter()  # streamed validation rows, counted in their first pass
+        self.val_skipped: Counter[str] = Counter()  # streamed validation rows, each batch's counted once
         self.val_split_over_processes = False  # whether each process validates on its own val shards
         self.tokenizer: MultimodalTokenizer | None = None
         self.train_set: PackedDataset | None = None

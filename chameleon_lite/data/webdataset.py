@@ -129,8 +129,8 @@ def shard_loader(cfg: DictConfig, key: str, tok: MultimodalTokenizer, tasks: tup
 
     ``tasks`` are the task names and probabilities of image-caption pairs; ``cfg[rows_key]`` packed
     rows per epoch over all ``world_size`` processes; ``epoch_of()`` says the epoch when an iteration
-    starts; skipped samples are counted into ``skipped`` (``count_once``: in the first complete pass only,
-    for a loader that reads the same rows at every pass). Raises
+    starts; skipped samples are counted into ``skipped`` (``count_once``: once per batch of the epoch, for a
+    loader that reads the same rows at every pass). Raises
     :class:`ConfigError` for too few rows for one batch, or fewer shards than streams without
     ``data.resample``.
     """
