@@ -75,8 +75,12 @@ class Generator:
     def load(cls, ckpt: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None,
              device: str | torch.device = "cpu", quantize: str | None = None, compile: bool = False) -> Generator:
         """Load a ``.ckpt`` or exported model dir and its tokenizers (the dir recorded at training time
-        unless ``tokenizer_dir`` is given); a vocab mismatch between the two is an error naming both."""
+        unless ``tokenizer_dir`` is given); a vocab mismatch between the two is an error naming both.
+        The model attends with SDPA whatever backend it trained with: sampling and scoring run padded or
+        cached rows, which SDPA serves on every device (``attn_impl=xformers`` is a CUDA training backend)."""
         model, vocab, meta = load_model(ckpt, device=device)
+        if model.cfg.attn_impl != "sdpa":
+            model.cfg = replace(model.cfg, attn_impl="sdpa")
         tok_dir = tokenizer_dir or meta.get("tokenizer_dir")
         if tok_dir is None:
             raise ValueError(f"{ckpt} does not record its tokenizer directory; pass tokenizer_dir=...")

@@ -108,3 +108,27 @@ def test_bad_candidates_are_a_clear_error(gen, bad):
         gen.generate_images(PROMPTS[:1], candidates=bad)
     with pytest.raises(ValueError, match="candidates"):
         gen.caption(torch.zeros(1, 3, 64, 64), candidates=bad)
+
+
+def test_a_model_trained_with_xformers_samples_and_scores_with_sdpa(gen, tiny_checkpoint, tmp_path):
+    # xformers is a CUDA training backend: a model trained with it must still rank candidates on CPU
+    # (the scoring forward has no KV cache, so it would otherwise take the xformers path and fail)
+    import dataclasses
+    import json
+
+    from safetensors.torch import save_file
+
+    from chameleon_lite.generation.api import Generator
+
+    out = tmp_path / "xformers_model"
+    out.mkdir()
+    save_file({k: v.contiguous() for k, v in gen.model.state_dict().items()}, str(out / "model.safetensors"))
+    meta = {"model": dataclasses.asdict(dataclasses.replace(gen.model.cfg, attn_impl="xformers")),
+            "vocab": gen.vocab.to_dict(), "tokenizer_dir": gen.meta["tokenizer_dir"]}
+    (out / "config.json").write_text(json.dumps(meta))
+    xf = Generator.load(out)
+    assert xf.model.cfg.attn_impl == "sdpa"
+    prompt, completion = gen.builder.t2i_prompt(PROMPTS[0]), [gen.vocab.image_offset + 3] * 4
+    torch.testing.assert_close(xf.log_likelihood([prompt], [completion]), gen.log_likelihood([prompt], [completion]))
+    codes = xf.generate_image_codes(PROMPTS[:1], n=1, seed=0, candidates=2)
+    assert codes.shape[0] == 1
