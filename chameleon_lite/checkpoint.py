@@ -104,7 +104,11 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
     except (KeyError, TypeError) as err:
         raise CheckpointError(f"{path}: incomplete metadata ({err})") from None
     model = ChameleonLM(model_cfg)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # a tensor of another shape than the config gives (e.g. an edited config.json)
+        reason = str(err).splitlines()[-1].strip()
+        raise CheckpointError(f"{path}: weights do not match the model config: {reason}") from None
     if model_cfg.tie_embeddings:  # the head is the embedding (exports store it once)
         missing = [k for k in missing if k != TIED_HEAD]
     if missing or unexpected:

@@ -166,3 +166,18 @@ def test_a_file_that_is_no_checkpoint_is_named_as_such(content, match, tmp_path)
     path.write_bytes(content)
     with pytest.raises(CheckpointError, match=match):
         load_model(path)
+
+
+def test_weights_of_another_shape_than_the_config_are_a_checkpoint_error(tiny_checkpoint, tmp_path):
+    # e.g. an exported directory whose config.json was edited: one line naming the tensor, no traceback
+    import json
+    from dataclasses import asdict
+
+    from safetensors.torch import save_file
+
+    model, vocab, meta = load_model(tiny_checkpoint)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    cfg = {**asdict(model.cfg), "ffn_dim": model.cfg.ffn_hidden_dim + 8}
+    (tmp_path / "config.json").write_text(json.dumps({"model": cfg, "vocab": vocab.to_dict()}))
+    with pytest.raises(CheckpointError, match=r"weights do not match the model config: .*size mismatch"):
+        load_model(tmp_path)
