@@ -87,6 +87,10 @@ def train_text_tokenizer(corpus: Iterable[str], out_path: str | os.PathLike, voc
     if vocab_size < min_size:
         raise TextTokenizerError(f"tokenizer.vocab_size={vocab_size} is too small: byte fallback alone needs "
                                  f"{BYTE_PIECES} pieces plus <unk>; use >= {min_size}")
+    # sentencepiece skips lines over max_sentence_length bytes (default 4192) without a word: admit every line
+    # (the option only when needed: it is recorded in the model file, which stays bit-identical otherwise)
+    longest = max(len(s.encode("utf-8")) for s in sentences)
+    long_lines = {"max_sentence_length": longest + 1} if longest >= 4192 else {}
     model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
@@ -95,6 +99,7 @@ def train_text_tokenizer(corpus: Iterable[str], out_path: str | os.PathLike, voc
             pad_id=-1, input_sentence_size=0, shuffle_input_sentence=False, num_threads=num_threads,
             seed_sentencepiece_size=seed_sentencepiece_size, split_digits=True, hard_vocab_limit=True,
             remove_extra_whitespaces=False, normalization_rule_name="identity", minloglevel=2,
+            **long_lines,
         )
     except RuntimeError as err:
         msg = str(err)

@@ -62,6 +62,14 @@ def test_too_few_pieces_for_the_corpus_characters_says_to_raise_vocab_size(tmp_p
         train_text_tokenizer(corpus, tmp_path / "x.model", vocab_size=320)
 
 
+def test_lines_longer_than_sentencepieces_default_limit_are_trained_on(corpus, tmp_path):
+    # one paragraph per line (scraped text): sentencepiece's default skips lines over 4,192 bytes silently
+    paragraphs = [" ".join(["zebrafish swims"] * 300 + corpus[i * 40:(i + 1) * 40]) for i in range(30)]
+    assert min(len(p.encode()) for p in paragraphs) > 4192
+    tok = train_text_tokenizer(paragraphs, tmp_path / "x.model", vocab_size=300)
+    assert len(tok.encode("zebrafish swims")) <= 3  # learnt from the long lines, not spelt out in bytes
+
+
 def test_text_files(tmp_path):
     f = tmp_path / "a.txt"
     f.write_text("one line\n\n second line \n")
