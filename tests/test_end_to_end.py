@@ -27,15 +27,28 @@ def test_generate_cli_tasks(tiny_checkpoint, tmp_path):
         if task == "t2i":
             assert (out / "t2i.png").is_file() and rec["prompts"] == ["a red circle", "two blue squares"]
             assert rec["negative_prompts"] == ["a red square"] * 2
-    with pytest.raises(ConfigError, match="negative_prompt has 3 texts for 2 prompts"):
-        generate(compose_config("generate", [f"ckpt={tiny_checkpoint}", "prompt=[a,b]", "negative_prompt=[c,d,e]",
-                                             f"out_dir={tmp_path / 'bad'}"]))
     # caption an image file written by the t2i run
     out = tmp_path / "caption"
     rec = generate(compose_config("generate", [f"ckpt={tiny_checkpoint}", "task=caption",
                                                f"image={tmp_path / 't2i' / 't2i.png'}", f"out_dir={out}",
                                                "caption_candidates=3"]))
     assert len(rec["captions"]) == 1 and (out / "captions.png").is_file()
+
+
+@pytest.mark.parametrize(("overrides", "match"), [
+    (["prompt=[a,b]", "negative_prompt=[c,d,e]"], "negative_prompt has 3 texts for 2 prompts"),
+    (["prompt=a", "negative_prompt=b", "cfg_scale=null"], "set cfg_scale"),
+    (["task=text", "prompt=null"], r"task=text needs prompt="),
+    (["task=interleaved", "prompt=[]"], r"task=interleaved needs prompt="),
+    (["task=caption"], "task=caption needs image="),
+    (["task=caption", "image=[missing.png]"], "no such file.*missing.png"),
+    (["task=sketch"], "task='sketch' is invalid"),
+])
+def test_generate_checks_its_inputs_before_loading_the_model(tmp_path, overrides, match):
+    # the checkpoint does not exist: each error must come before the (possibly long) model load
+    with pytest.raises(ConfigError, match=match):
+        generate(compose_config("generate", [f"ckpt={tmp_path / 'never_loaded.ckpt'}", f"out_dir={tmp_path}",
+                                             *overrides]))
 
 
 def test_generator_images_are_decoded_and_seeded(tiny_checkpoint):

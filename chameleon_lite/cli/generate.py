@@ -21,28 +21,42 @@ def as_list(value) -> list[str]:
     return [str(v) for v in value] if isinstance(value, (list, ListConfig)) else [str(value)]
 
 
-def generate(cfg: DictConfig) -> dict:
-    """Run one generation task and write its PNG grid and JSON side-car into ``cfg.out_dir``."""
+def checked_inputs(cfg: DictConfig) -> tuple[list[str], list[str], list]:
+    """The task's prompts, negative prompts and image paths, checked before the model loads (a large model
+    or ``compile=true`` would otherwise make a typo cost the load)."""
     if cfg.task not in TASKS:
         raise ConfigError(f"task={cfg.task!r} is invalid: use one of {', '.join(TASKS)}")
+    prompts, negatives, paths = as_list(cfg.prompt), as_list(cfg.negative_prompt), []
+    if cfg.task == "caption":
+        paths = [resolve_path(p) for p in as_list(cfg.image)]
+        if not paths:
+            raise ConfigError("task=caption needs image=path.png (or a list of paths)")
+        missing = [str(p) for p in paths if not p.is_file()]
+        if missing:
+            raise ConfigError(f"image: no such file(s): {', '.join(missing)}")
+    elif not prompts:
+        raise ConfigError(f"task={cfg.task} needs prompt=\"...\" (or a list)")
+    if cfg.task == "t2i" and negatives:
+        if len(negatives) == 1:
+            negatives = negatives * len(prompts)
+        if len(negatives) != len(prompts):
+            raise ConfigError(f"negative_prompt has {len(negatives)} texts for {len(prompts)} prompts: give one "
+                              "text (for every prompt) or one per prompt")
+        if cfg.cfg_scale is None:
+            raise ConfigError("negative_prompt adds to classifier-free guidance: set cfg_scale (e.g. 2.0)")
+    return prompts, negatives, paths
+
+
+def generate(cfg: DictConfig) -> dict:
+    """Run one generation task and write its PNG grid and JSON side-car into ``cfg.out_dir``."""
+    prompts, negatives, paths = checked_inputs(cfg)
     out_dir = resolve_path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     gen = Generator.load(resolve_path(cfg.ckpt), cfg.tokenizer_dir, device=cfg.device, quantize=cfg.quantize,
                          compile=cfg.compile)
-    prompts = as_list(cfg.prompt)
     record: dict = {"task": cfg.task, "ckpt": str(cfg.ckpt), "seed": cfg.seed}
     if cfg.task == "t2i":
-        if not prompts:
-            raise ConfigError("task=t2i needs prompt=\"...\" (or a list)")
-        negatives = as_list(cfg.negative_prompt)
         if negatives:
-            if len(negatives) == 1:
-                negatives = negatives * len(prompts)
-            if len(negatives) != len(prompts):
-                raise ConfigError(f"negative_prompt has {len(negatives)} texts for {len(prompts)} prompts: give one "
-                                  "text (for every prompt) or one per prompt")
-            if cfg.cfg_scale is None:
-                raise ConfigError("negative_prompt adds to classifier-free guidance: set cfg_scale (e.g. 2.0)")
             record["negative_prompts"] = negatives
         images = gen.generate_images(prompts, n=cfg.n, cfg_scale=cfg.cfg_scale, temperature=cfg.image_temperature,
                                      top_k=cfg.image_top_k, top_p=cfg.image_top_p, seed=cfg.seed,
@@ -52,9 +66,6 @@ def generate(cfg: DictConfig) -> dict:
         record["images"] = str(save_captioned_grid(images, titles, out_dir / "t2i.png", nrow=cfg.n))
         record["prompts"] = prompts
     elif cfg.task == "caption":
-        paths = [resolve_path(p) for p in as_list(cfg.image)]
-        if not paths:
-            raise ConfigError("task=caption needs image=path.png (or a list of paths)")
         captions = gen.caption([str(p) for p in paths], temperature=cfg.text_temperature, seed=cfg.seed,
                                cfg_scale=cfg.caption_cfg_scale, candidates=cfg.caption_candidates,
                                candidate_temperature=cfg.caption_candidate_temperature)
