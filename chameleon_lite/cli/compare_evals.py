@@ -43,6 +43,8 @@ def _result_files(pattern: str) -> list[Path]:
                 raise SystemExit(f"{path}: expected one of {', '.join(f'{t}.json' for t in METRICS)} in the "
                                  f"directory, found {len(found)}")
             path = found[0]
+        elif path.suffix != ".json":  # an eval directory's grid or table beside its result ('.../cap_val/*')
+            continue
         files.append(path)
     if not files:
         raise SystemExit(f"{pattern!r} matches no eval result: give a glob of caption.json / geneval.json "
@@ -64,9 +66,12 @@ def load_groups(specs: list[list[str]]) -> dict[str, list[tuple[Path, dict[str, 
                 if any(path.resolve() == seen.resolve() for seen, _ in group):
                     continue
                 try:
-                    group.append((path, json.loads(path.read_text())))
-                except json.JSONDecodeError as err:
+                    result = json.loads(path.read_text())
+                except (json.JSONDecodeError, UnicodeDecodeError) as err:
                     raise SystemExit(f"{path}: not a chameleon-eval result ({err}); narrow the pattern") from None
+                if not isinstance(result, dict) or not {"task", "summary"} <= result.keys():
+                    raise SystemExit(f"{path}: not a chameleon-eval result (no task and summary); narrow the pattern")
+                group.append((path, result))
     return groups
 
 

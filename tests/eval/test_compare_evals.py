@@ -48,6 +48,20 @@ def test_bad_arguments_name_the_fix(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit, match="expected one of"):
         main(["-g", "A", f"{tmp_path}/empty"])
+    other = tmp_path / "other.json"
+    other.write_text('{"loss": 1.0}')
+    with pytest.raises(SystemExit, match="other.json: not a chameleon-eval result"):
+        main(["-g", "A", str(other)])
+    binary = tmp_path / "binary.json"
+    binary.write_bytes(b"\x89PNG\xff\xfe")
+    with pytest.raises(SystemExit, match="binary.json: not a chameleon-eval result"):
+        main(["-g", "A", str(binary)])
+
+
+def test_a_glob_over_an_eval_directory_reads_its_result_and_passes_over_its_grid(tmp_path):
+    _write(tmp_path / "r1", 0.7, 0.1)
+    (tmp_path / "r1" / "caption_examples.png").write_bytes(b"\x89PNG\xff")
+    assert "| A | 1 | caption | val | 0.700 |" in main(["-g", "A", f"{tmp_path}/r1/*"])
 
 
 def test_older_results_are_noted_and_do_not_hide_a_mismatch_among_newer_ones(tmp_path, capsys):
