@@ -101,6 +101,22 @@ def test_shipped_artifacts_are_rebuilt_bit_identically(tmp_path):
         assert (tmp_path / name).read_bytes() == (TOKENIZERS_DIR / "shapes" / name).read_bytes(), name
 
 
+def test_existing_artifacts_are_replaced_only_with_overwrite(tmp_path):
+    from conftest import compose_config
+
+    from chameleon_lite.cli.tokenizer import build_tokenizer
+    from chameleon_lite.config import ConfigError
+
+    (tmp_path / "vocab.json").write_text("a vocab some model was trained with")
+    small = [f"tokenizer.dir={tmp_path}", "tokenizer.shapes.n_captions=300"]
+    with pytest.raises(ConfigError, match=r"vocab.json exist\(s\).*overwrite=true"):
+        build_tokenizer(compose_config("train_tokenizer", small))
+    assert (tmp_path / "vocab.json").read_text() == "a vocab some model was trained with"
+    assert not (tmp_path / "text.model").exists()
+    build_tokenizer(compose_config("train_tokenizer", [*small, "overwrite=true"]))
+    assert (tmp_path / "text.model").is_file() and "n_text" in (tmp_path / "vocab.json").read_text()
+
+
 def test_shipped_tokenizers_agree_with_each_other():
     from chameleon_lite.config import TOKENIZERS_DIR
     from chameleon_lite.multimodal_tokenizer import MultimodalTokenizer

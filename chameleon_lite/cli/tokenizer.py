@@ -24,7 +24,8 @@ def shapes_captions(seed: int, n: int, layout: str = "unambiguous", val_holdout_
 def build_tokenizer(cfg: DictConfig) -> UnifiedVocab:
     """Train the text model and write both artifacts into ``cfg.dir``; returns the vocab.
 
-    ``cfg`` is the composed ``train_tokenizer`` config; settings live under ``cfg.tokenizer``.
+    ``cfg`` is the composed ``train_tokenizer`` config; settings live under ``cfg.tokenizer``. Existing
+    artifacts in ``cfg.tokenizer.dir`` (the shipped ones by default) are replaced only with ``overwrite=true``.
     """
     vocab_size = require(cfg, "tokenizer.vocab_size", lambda v: isinstance(v, int) and v > 0, "a positive int")
     n_image = require(cfg, "tokenizer.image_codebook_size", lambda v: isinstance(v, int) and v > 0, "a positive int")
@@ -39,6 +40,11 @@ def build_tokenizer(cfg: DictConfig) -> UnifiedVocab:
         corpus = shapes_captions(tok.shapes.seed, n, tok.shapes.get("layout", "unambiguous"),
                                  tok.shapes.get("val_holdout_pairs", []))
     out_dir = resolve_path(tok.dir)
+    existing = [str(out_dir / name) for name in ("text.model", "vocab.json") if (out_dir / name).exists()]
+    if existing and not cfg.get("overwrite", False):  # every model trained on a tokenizer depends on its ids
+        raise ConfigError(f"{' and '.join(existing)} exist(s): models trained on them read their ids. Write a new "
+                          "tokenizer elsewhere (tokenizer.name=mine or tokenizer.dir=...), or overwrite=true to "
+                          "replace it")
     text = train_text_tokenizer(corpus, out_dir / "text.model", vocab_size=vocab_size)
     vocab = UnifiedVocab(n_text=text.vocab_size, n_image=n_image, n_reserved=tok.n_reserved)
     vocab.save(out_dir / "vocab.json")
