@@ -175,7 +175,7 @@ def test_weights_of_another_shape_than_the_config_are_a_checkpoint_error(tiny_ch
 
     from safetensors.torch import save_file
 
-    model, vocab, meta = load_model(tiny_checkpoint)
+    model, vocab, _ = load_model(tiny_checkpoint)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "model.safetensors"))
     cfg = {**asdict(model.cfg), "ffn_dim": model.cfg.ffn_hidden_dim + 8}
     (tmp_path / "config.json").write_text(json.dumps({"model": cfg, "vocab": vocab.to_dict()}))
