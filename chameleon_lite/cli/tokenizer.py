@@ -33,18 +33,18 @@ def build_tokenizer(cfg: DictConfig) -> UnifiedVocab:
     if isinstance(tok.text_files, str):
         raise ConfigError(f"config key 'tokenizer.text_files' = {tok.text_files!r} must be a list of paths, "
                           "e.g. tokenizer.text_files=[a.txt,b.txt]")
-    if tok.text_files:
-        corpus = iter_text_files(resolve_path(p) for p in tok.text_files)
-    else:
-        n = require(cfg, "tokenizer.shapes.n_captions", lambda v: isinstance(v, int) and v > 0, "a positive int")
-        corpus = shapes_captions(tok.shapes.seed, n, tok.shapes.get("layout", "unambiguous"),
-                                 tok.shapes.get("val_holdout_pairs", []))
     out_dir = resolve_path(tok.dir)
     existing = [str(out_dir / name) for name in ("text.model", "vocab.json") if (out_dir / name).exists()]
     if existing and not cfg.get("overwrite", False):  # every model trained on a tokenizer depends on its ids
         raise ConfigError(f"{' and '.join(existing)} exist(s): models trained on them read their ids. Write a new "
                           "tokenizer elsewhere (tokenizer.name=mine or tokenizer.dir=...), or overwrite=true to "
                           "replace it")
+    if tok.text_files:
+        corpus = iter_text_files(resolve_path(p) for p in tok.text_files)
+    else:
+        n = require(cfg, "tokenizer.shapes.n_captions", lambda v: isinstance(v, int) and v > 0, "a positive int")
+        corpus = shapes_captions(tok.shapes.seed, n, tok.shapes.get("layout", "unambiguous"),
+                                 tok.shapes.get("val_holdout_pairs", []))
     text = train_text_tokenizer(corpus, out_dir / "text.model", vocab_size=vocab_size)
     vocab = UnifiedVocab(n_text=text.vocab_size, n_image=n_image, n_reserved=tok.n_reserved)
     vocab.save(out_dir / "vocab.json")
