@@ -107,8 +107,10 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as err:  # a tensor of another shape than the config gives (e.g. an edited config.json)
-        reason = str(err).splitlines()[-1].strip()
-        raise CheckpointError(f"{path}: weights do not match the model config: {reason}") from None
+        mismatches = [line.strip() for line in str(err).splitlines() if "size mismatch" in line]
+        raise CheckpointError(f"{path}: weights do not match the model config: {len(mismatches)} tensor(s) of "
+                              f"another shape, e.g. {(mismatches or [str(err)])[0]}; use the config the weights were "
+                              "saved with (config.json of the same export)") from None
     if model_cfg.tie_embeddings:  # the head is the embedding (exports store it once)
         missing = [k for k in missing if k != TIED_HEAD]
     if missing or unexpected:

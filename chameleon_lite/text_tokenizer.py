@@ -90,7 +90,7 @@ def train_text_tokenizer(corpus: Iterable[str], out_path: str | os.PathLike, voc
     # sentencepiece skips lines over max_sentence_length bytes (default 4192) without a word: admit every line
     # (the option only when needed: it is recorded in the model file, which stays bit-identical otherwise)
     longest = max(len(s.encode("utf-8")) for s in sentences)
-    long_lines = {"max_sentence_length": longest + 1} if longest >= 4192 else {}
+    long_lines = {"max_sentence_length": longest + 1} if longest > 4192 else {}
     model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(

@@ -92,7 +92,8 @@ def ensure_tokenizers(tok_dir: Path) -> None:
     if not (tok_dir / "text.model").is_file() or not (tok_dir / "vocab.json").is_file():
         from chameleon_lite.cli.tokenizer import build_tokenizer
 
-        build_tokenizer(compose_config("train_tokenizer", [f"tokenizer.dir={tok_dir}"]))
+        # (overwrite: the one artifact left of a half-built directory is rebuilt with the other, bit-identically)
+        build_tokenizer(compose_config("train_tokenizer", [f"tokenizer.dir={tok_dir}", "overwrite=true"]))
     if not (tok_dir / "vq.safetensors").is_file():
         from chameleon_lite.cli.train_vq import train_vq
 

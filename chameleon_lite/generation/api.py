@@ -1,6 +1,6 @@
 """A small Python API over a trained model: what the notebook, the CLI and the evaluation use.
 
-    gen = Generator.load("runs/demo/checkpoints/last.ckpt")
+    gen = Generator.load("runs/demo/train/checkpoints/last.ckpt")
     images = gen.generate_images(["a red circle left of a blue square"], n=4, cfg_scale=2.0)
     captions = gen.caption(images)
     text = gen.complete("a red")
@@ -77,7 +77,8 @@ class Generator:
         """Load a ``.ckpt`` or exported model dir and its tokenizers (the dir recorded at training time
         unless ``tokenizer_dir`` is given); a vocab mismatch between the two is an error naming both.
         The model attends with SDPA whatever backend it trained with: sampling and scoring run padded or
-        cached rows, which SDPA serves on every device (``attn_impl=xformers`` is a CUDA training backend)."""
+        cached rows, which SDPA serves on every device (``attn_impl=xformers`` is a CUDA training backend;
+        the packed rows of ``task=perplexity`` then use a dense document mask: same values, more memory)."""
         model, vocab, meta = load_model(ckpt, device=device)
         if model.cfg.attn_impl != "sdpa":
             model.cfg = replace(model.cfg, attn_impl="sdpa")

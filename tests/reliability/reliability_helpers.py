@@ -52,7 +52,8 @@ def build_tiny_tokenizer(directory: Path) -> Path:
 
     torch.manual_seed(0)
     ImageTokenizer(VQModel(VQConfig(**TINY_VQ))).save_pretrained(directory)
-    build_tokenizer(compose_config("train_tokenizer", [f"tokenizer.dir={directory}", "tokenizer.shapes.n_captions=500",
+    build_tokenizer(compose_config("train_tokenizer", [f"tokenizer.dir={directory}", "overwrite=true",
+                                                       "tokenizer.shapes.n_captions=500",
                                                        f"tokenizer.image_codebook_size={TINY_VQ['codebook_size']}"]))
     return directory
 
