@@ -14,6 +14,7 @@ use_sample_covariance=False, data_range=1)``.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,8 @@ from torch import Tensor
 
 from chameleon_lite.vq.api import ImageTokenizer
 from chameleon_lite.vq.quantizer import CodebookUsage
+
+log = logging.getLogger(__name__)
 
 DEFAULT_PHOTOS = ("astronaut", "coffee", "chelsea")
 
@@ -211,6 +214,8 @@ def markdown_table(result: Mapping[str, Any]) -> str:
     rows += [(f"PSNR photo `{name}` (dB)", f"{value:.2f}") for name, value in photos.items() if name != "mean"]
     if photos:
         rows.append(("PSNR photos, mean (dB)", f"{photos['mean']:.2f}"))
+    elif result.get("photos_skipped"):
+        rows.append(("PSNR photos", f"skipped: {result['photos_skipped']}"))
     folder = result.get("folder")
     if folder:
         rows += [(f"PSNR folder `{result['folder_path']}` (dB)", (f"{folder['psnr']:.2f} over {folder['num_images']} "
@@ -228,7 +233,8 @@ def run_vq_eval(cfg: Mapping[str, Any]) -> dict[str, Any]:
     (required), ``device`` [cpu], ``data.seed`` [0] (which shapes world), ``vq.split`` [val],
     ``vq.n_images`` [512] (with ``vq.split=test`` also reported apart for images with and without a
     held-out colour-shape pair), ``vq.batch_size`` [64], ``vq.photo_crops`` [true] (PSNR on crops of
-    scikit-image's photographs; ``vq.photos`` picks them), ``vq.folder`` [null] (also evaluate a
+    scikit-image's photographs; ``vq.photos`` picks them; skipped with a warning, and said in the result, where
+    scikit-image is not installed), ``vq.folder`` [null] (also evaluate a
     folder of your images). Returns the metrics plus ``table`` (Markdown) and ``files``.
     """
     from chameleon_lite.config import ConfigError, resolve_path
@@ -248,12 +254,19 @@ def run_vq_eval(cfg: Mapping[str, Any]) -> dict[str, Any]:
         except (OSError, ValueError) as err:
             raise ConfigError(f"vq.folder={folder}: {str(err).split(': ', 1)[-1]}") from None
     photos = list(_select(cfg, "vq.photos", DEFAULT_PHOTOS)) if _select(cfg, "vq.photo_crops", True) else []
-    if photos:  # checked now too, not after the shapes passes
-        import skimage.data
-
-        if unknown := [name for name in photos if not callable(getattr(skimage.data, str(name), None))]:
-            raise ConfigError(f"vq.photos={photos}: {unknown} are not images of skimage.data (e.g. "
-                              f"{', '.join(DEFAULT_PHOTOS)}); fix vq.photos or set vq.photo_crops=false")
+    photos_skipped = None
+    if photos:
+        try:
+            import skimage.data
+        except ImportError:  # an optional dependency (the dev extra): the photo line is skipped, said so
+            photos_skipped = ("scikit-image is not installed (pip install scikit-image; or vq.photo_crops=false): "
+                              "no photo PSNR")
+            log.warning("task=vq: %s", photos_skipped)
+            photos = []
+        else:  # names checked now too, not after the shapes passes
+            if unknown := [name for name in photos if not callable(getattr(skimage.data, str(name), None))]:
+                raise ConfigError(f"vq.photos={photos}: {unknown} are not images of skimage.data (e.g. "
+                                  f"{', '.join(DEFAULT_PHOTOS)}); fix vq.photos or set vq.photo_crops=false")
     tokenizer = ImageTokenizer.from_pretrained(tokenizer_dir, device=_select(cfg, "device", "cpu"))
     split, batch_size = _select(cfg, "vq.split", "val"), int(_select(cfg, "vq.batch_size", 64))
     data = ShapesWorld(seed=int(_select(cfg, "data.seed", 0)), image_size=tokenizer.image_size, split=split,
@@ -265,6 +278,8 @@ def run_vq_eval(cfg: Mapping[str, Any]) -> dict[str, Any]:
         "shapes": evaluate_vq(tokenizer, samples, batch_size=batch_size, detector=True),
         "photos": photo_psnr(tokenizer, photos) if photos else {},
     }
+    if photos_skipped:
+        result["photos_skipped"] = photos_skipped
     held = [s for s in samples if s.heldout]
     if held:  # test: the held-out colour-shape pairs, which the tokenizer never saw either, on their own
         result["shapes_heldout"] = evaluate_vq(tokenizer, held, batch_size=batch_size, detector=True)

@@ -109,6 +109,23 @@ def test_run_vq_eval_writes_json_and_markdown(tok, tmp_path):
         run_vq_eval({"out_dir": str(tmp_path)})
 
 
+def test_photo_crops_without_scikit_image_are_a_logged_skip(tok, tmp_path, monkeypatch, caplog):
+    """scikit-image is only in the dev extra: on a base install the default photo line is skipped, and said."""
+    import sys
+
+    tok.save_pretrained(tmp_path / "tok")
+    monkeypatch.setitem(sys.modules, "skimage", None)  # import skimage.data -> ImportError
+    monkeypatch.setitem(sys.modules, "skimage.data", None)
+    cfg = OmegaConf.create({"tokenizer": {"dir": str(tmp_path / "tok")}, "out_dir": str(tmp_path / "eval"),
+                            "vq": {"n_images": 4}})
+    result = run_vq_eval(cfg)
+    assert result["photos"] == {} and "scikit-image is not installed" in result["photos_skipped"]
+    assert "| PSNR photos | skipped: scikit-image is not installed" in result["table"]
+    assert json.loads((tmp_path / "eval" / "vq.json").read_text())["photos_skipped"] == result["photos_skipped"]
+    assert "scikit-image is not installed" in caplog.text
+    assert result["shapes"]["num_images"] == 4  # the rest of the eval ran
+
+
 def test_a_bad_vq_folder_is_named_before_any_work(tok, tmp_path):
     from chameleon_lite.config import ConfigError
 
