@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -52,6 +53,16 @@ def require(cfg: DictConfig, key: str, check: Callable[[Any], bool], expect: str
 def resolve_path(path: str | Path) -> Path:
     """User paths are relative to where the command was started (Hydra keeps cwd by default)."""
     return Path(path).expanduser().resolve()
+
+
+def quoted(key: str, value: str | Path) -> str:
+    """The override ``key='value'`` that sets `key` to the string `value` exactly, whatever it holds: a path
+    with a comma, an ``=``, brackets, spaces or quotes (``runs/multirun/.../qk_norm=True,z_loss=0.0``) is
+    otherwise parsed by Hydra as a sweep, a dict or an error. Backslashes before a quote, before ``${`` and at the
+    end are doubled and ``'`` / ``${`` escaped (Hydra's quoted-string rules; no interpolation)."""
+    text = re.sub(r"(\\*)('|\$\{|$)", lambda m: m.group(1) * 2 + ("\\" + m.group(2) if m.group(2) else ""),
+                  str(value))
+    return f"{key}='{text}'"
 
 
 def compose_config(config_name: str, overrides: list[str] | None = None) -> DictConfig:

@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from chameleon_lite.config import compose_config, resolve_path
+from chameleon_lite.config import compose_config, quoted, resolve_path
 
 DEMO_PROMPTS = ["a red circle", "three green squares", "a blue square left of a yellow circle",
                 "a purple triangle and a purple circle"]
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> dict:
     grid = save_captioned_grid([s.image for s in samples], [s.caption for s in samples], out_dir / "shapes_samples.png")
     print(f"  -> {grid}")
 
-    cfg = compose_config("train", [*train_overrides, f"run_dir={out_dir / 'train'}", f"run_name={out_dir.name}"])
+    cfg = compose_config("train", [*train_overrides, quoted("run_dir", out_dir / "train"), quoted("run_name", out_dir.name)])
     print(f"[demo 2/5] tokenizers: {cfg.tokenizer.dir}")
     ensure_tokenizers(Path(cfg.tokenizer.dir))
 
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     print("[demo 4/5] sampling")
     gen = Generator.load(ckpt)
-    sampling = compose_config("eval", [f"ckpt={ckpt}", *eval_overrides])  # the eval's sampling and reranking
+    sampling = compose_config("eval", [quoted("ckpt", ckpt), *eval_overrides])  # the eval's sampling and reranking
     images = gen.generate_images(DEMO_PROMPTS, n=4, cfg_scale=sampling.cfg_scale,
                                  temperature=sampling.image_temperature, seed=0,
                                  candidates=sampling.image_candidates)
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
     print("[demo 5/5] evaluation")
     tables = {}
     for task in ("geneval", "caption"):
-        ecfg = compose_config("eval", [f"task={task}", f"ckpt={ckpt}", f"out_dir={out_dir / 'eval'}", *eval_overrides])
+        ecfg = compose_config("eval", [f"task={task}", quoted("ckpt", ckpt), quoted("out_dir", out_dir / "eval"), *eval_overrides])
         res = evaluate(ecfg)
         tables[task] = res["table"]
         print(f"\n## {task}\n{res['table']}")
@@ -93,11 +93,11 @@ def ensure_tokenizers(tok_dir: Path) -> None:
         from chameleon_lite.cli.tokenizer import build_tokenizer
 
         # (overwrite: the one artifact left of a half-built directory is rebuilt with the other, bit-identically)
-        build_tokenizer(compose_config("train_tokenizer", [f"tokenizer.dir={tok_dir}", "overwrite=true"]))
+        build_tokenizer(compose_config("train_tokenizer", [quoted("tokenizer.dir", tok_dir), "overwrite=true"]))
     if not (tok_dir / "vq.safetensors").is_file():
         from chameleon_lite.cli.train_vq import train_vq
 
-        train_vq(compose_config("train_vq", [f"out_dir={tok_dir}"]))
+        train_vq(compose_config("train_vq", [quoted("out_dir", tok_dir)]))
 
 
 if __name__ == "__main__":
