@@ -26,6 +26,15 @@ from chameleon_lite.vocab import UnifiedVocab
 #: The head weight of a model with ``tie_embeddings``: the embedding matrix itself, not exported separately.
 TIED_HEAD = "lm_head.weight"
 
+#: `ModelConfig` fields (resolved) that shape the weights or what they compute, with the key that sets each: a
+#: run started from another model's weights (``init_from``) must agree on these. The rest — dropouts, attn_impl,
+#: grad_checkpointing, max_seq_len (RoPE is computed, not stored), init_std — are the new run's to choose.
+ARCHITECTURE_KEYS = {"vocab_size": "vocab_size", "dim": "dim", "n_layers": "n_layers", "n_heads": "n_heads",
+                     "kv_heads": "n_kv_heads", "ffn_hidden_dim": "ffn_dim", "rope_theta": "rope_theta",
+                     "norm_eps": "norm_eps", "qk_norm": "qk_norm", "qk_norm_per_head": "qk_norm_per_head",
+                     "swin_norm": "swin_norm", "tie_embeddings": "tie_embeddings",
+                     "image_pos_embed": "image_pos_embed", "image_grid": "image_grid", "image_ids": "image_ids"}
+
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be (safely) loaded."""
@@ -72,6 +81,9 @@ def export_weights(module, out_dir: Path, tokenizer_dir: str | os.PathLike,
     training_data = (getattr(module, "hparams", None) or {}).get("training_data")
     if training_data:
         meta["training_data"] = dict(training_data)
+    init_from = (getattr(module, "hparams", None) or {}).get("init_from")
+    if init_from:
+        meta["init_from"] = init_from
     atomic_write_text(out_dir / "config.json", json.dumps(meta, indent=2) + "\n")
     return out_dir
 
@@ -117,3 +129,31 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
         raise CheckpointError(f"{path}: weights do not match the model config (missing {missing[:5]}, "
                               f"unexpected {unexpected[:5]})")
     return model.to(device).eval(), vocab, meta
+
+
+def init_weights_from(model: ChameleonLM, source: str | os.PathLike, vocab: UnifiedVocab) -> dict:
+    """Copy into `model` the weights of `source` — an exported directory, a ``.ckpt`` or a Hugging Face
+    Chameleon directory (``chameleon-export-hf``'s, or one written by ``transformers``) — to fine-tune it: the
+    ``init_from`` of ``chameleon-train``. The source must have `vocab`'s layout and `model`'s architecture
+    (`ARCHITECTURE_KEYS`); the error names every key that differs with the override that matches the source.
+    Returns the source's metadata (as `load_model`)."""
+    source = Path(source)
+    if (source / "config.json").is_file() and json.loads((source / "config.json").read_text()).get("model_type"):
+        try:
+            from chameleon_lite.interop.hf import import_hf
+        except ImportError as err:
+            raise CheckpointError(f"init_from={source} is a Hugging Face directory, which needs transformers "
+                                  f"({err}): pip install -e '.[hf]'") from None
+        loaded, found_vocab, meta = import_hf(source)
+    else:
+        loaded, found_vocab, meta = load_model(source)
+    vocab.check_compatible(found_vocab, "this run's tokenizers", f"init_from={source}")
+    differences = {key: (getattr(model.cfg, field), getattr(loaded.cfg, field))
+                   for field, key in ARCHITECTURE_KEYS.items() if getattr(model.cfg, field) != getattr(loaded.cfg, field)}
+    if differences:
+        listing = "; ".join(f"model.{key}={mine!r} here, {theirs!r} there" for key, (mine, theirs) in differences.items())
+        fix = " ".join(f"model.{key}={json.dumps(theirs).replace(' ', '')}" for key, (_, theirs) in differences.items())
+        raise CheckpointError(f"init_from={source} has another architecture than this run's model config: {listing}. "
+                              f"Train it with the source's: {fix}")
+    model.load_state_dict(loaded.state_dict())
+    return meta

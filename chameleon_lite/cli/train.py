@@ -8,7 +8,7 @@ from typing import Any
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
-from chameleon_lite.checkpoint import export_weights, safe_torch_load
+from chameleon_lite.checkpoint import export_weights, init_weights_from, safe_torch_load
 from chameleon_lite.config import ConfigError, hydra_app, require, resolve_path
 from chameleon_lite.data.datamodule import ChameleonDataModule, training_data_record
 from chameleon_lite.model import ModelConfig
@@ -115,6 +115,12 @@ def train(cfg: DictConfig) -> dict:
     """Run one training job; returns final metrics and the paths it wrote."""
     L.seed_everything(cfg.seed, workers=True)
     run_dir = resolve_path(cfg.run_dir)
+    init_from = cfg.get("init_from")
+    if init_from is not None:
+        init_from = resolve_path(init_from)
+        if not init_from.exists():
+            raise FileNotFoundError(f"init_from={init_from} does not exist: give an exported model directory "
+                                    "(runs/<run>/model), a .ckpt file or a Hugging Face Chameleon directory")
     trainer = build_trainer(cfg)  # first: a bad trainer setting fails before any data is prepared
     resolve_batch_tokens(cfg, trainer)
     dm = ChameleonDataModule(cfg.data, tokenizer_dir=cfg.tokenizer.dir, seed=cfg.seed)
@@ -132,12 +138,18 @@ def train(cfg: DictConfig) -> dict:
     module = ChameleonLightningModule(model=model_cfg.__dict__, optim=OmegaConf.to_container(cfg.optim, resolve=True),
                                       vocab=vocab.to_dict(), total_steps=max_steps,
                                       tokenizer_dir=str(resolve_path(cfg.tokenizer.dir)), compile=cfg.compile,
-                                      training_data=training_data_record(cfg.data))
+                                      training_data=training_data_record(cfg.data),
+                                      init_from=None if init_from is None else str(init_from))
     log.info("model: %.2fM parameters (%.2fM without embeddings)", module.model.num_params() / 1e6,
              module.model.num_params(exclude_embeddings=True) / 1e6)
     ckpt_file = resolve_ckpt_path(cfg.ckpt_path, run_dir)
     if ckpt_file is not None:
         check_resume(ckpt_file, module, dm, cfg.get("resume_check", "error"))
+        if init_from is not None:
+            log.info("resuming %s: its weights, not init_from=%s, are trained on", ckpt_file, init_from)
+    elif init_from is not None:
+        init_weights_from(module.model, init_from, vocab)
+        log.info("initialised the model from %s (a new run: fresh optimizer state and LR schedule)", init_from)
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_file)
     result = {"run_dir": str(run_dir), "global_step": trainer.global_step,
               "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()}}

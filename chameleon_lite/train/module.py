@@ -49,7 +49,7 @@ def _sum_over_processes(counts: Counter) -> Counter:
 
 class ChameleonLightningModule(L.LightningModule):
     def __init__(self, model: dict, optim: dict, vocab: dict, total_steps: int, tokenizer_dir: str | None = None,
-                 compile: bool = False, training_data: dict | None = None):
+                 compile: bool = False, training_data: dict | None = None, init_from: str | None = None):
         """All arguments are plain dicts so that ``save_hyperparameters`` makes checkpoints self-describing.
 
         model: ModelConfig fields (vocab_size filled); optim: conf/optim fields; vocab:
@@ -57,7 +57,9 @@ class ChameleonLightningModule(L.LightningModule):
         tokenizer_dir: where the tokenizers live (recorded so sampling finds them again);
         compile: compile each decoder block with ``torch.compile`` (`configure_model`);
         training_data: `training_data_record` of the data config (kept in the checkpoint and the exported
-        model, so evaluation can tell when it scores against another shapes world).
+        model, so evaluation can tell when it scores against another shapes world);
+        init_from: the model whose weights the run started from (recorded; ``chameleon-train init_from=``
+        copies them in, `checkpoint.init_weights_from`).
         """
         super().__init__()
         self.save_hyperparameters()
