@@ -1,6 +1,7 @@
 # Two commands on a fresh machine:
 #   make demo   build the shapes-world demo: train a tiny Chameleon-style model on CPU, sample, evaluate
 #   make test   run the test suite (what CI runs)
+# Optional: make notebook   open notebooks/generate.ipynb in JupyterLab (after make demo: it loads runs/demo)
 # Both create .venv and install with constraints.txt (pinned torch/torchvision).
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
@@ -9,7 +10,7 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip install --constraint constraints.txt
 DEMO_DIR ?= runs/demo
 
-.PHONY: demo test venv clean-venv lint
+.PHONY: demo test venv clean-venv lint notebook
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +23,10 @@ $(VENV)/.dev-installed: pyproject.toml constraints.txt | $(BIN)/python
 	$(PIP) -e '.[dev,hf,data]'
 	touch $@ $(VENV)/.base-installed
 
+$(VENV)/.notebook-installed: pyproject.toml constraints.txt | $(BIN)/python
+	$(PIP) -e '.[notebook]'
+	touch $@ $(VENV)/.base-installed
+
 venv: $(VENV)/.base-installed
 
 demo: $(VENV)/.base-installed
@@ -31,6 +36,9 @@ demo: $(VENV)/.base-installed
 # threads only add synchronisation; each test process stays on one core.
 test: $(VENV)/.dev-installed
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q --durations=15
+
+notebook: $(VENV)/.notebook-installed
+	$(BIN)/jupyter lab notebooks/generate.ipynb
 
 lint: $(VENV)/.dev-installed
 	$(BIN)/ruff check chameleon_lite tests benchmarks
