@@ -7,9 +7,11 @@ loader iterators) and cross epoch boundaries (so the sampler's epoch and positio
 
 from __future__ import annotations
 
+import csv
 import os
 import signal
 import subprocess
+from pathlib import Path
 
 import pytest
 from conftest import compose_config
@@ -28,7 +30,13 @@ from chameleon_lite.cli.train import train
 
 STEPS = 10
 CKPT_EVERY = 3
-KILL_AFTER = 7  # optimizer steps done when the run is killed; its last checkpoint is at step 6
+KILL_AFTER = 8  # optimizer steps done when the run is killed; its last checkpoint is at step 6
+
+
+def logged_rows(run_dir: Path, key: str) -> list[tuple[int, float]]:
+    """Every ``(step, value)`` row of one metric in the run's CSV log, in file order (no de-duplication)."""
+    with open(run_dir / "logs" / "metrics.csv", newline="") as f:
+        return [(int(row["step"]), float(row[key])) for row in csv.DictReader(f) if row.get(key) not in (None, "")]
 
 
 def run_overrides(basetemp, run_dir) -> list[str]:
@@ -72,7 +80,15 @@ def test_same_seed_same_config_same_loss_curve(reference, tmp_path, tmp_path_fac
 
 @pytest.mark.slow
 def test_sigkill_then_resume_matches_uninterrupted_run(reference, tmp_path_factory):
-    """``chameleon-train run_name=r`` killed after step 7, then ``chameleon-train run_name=r ckpt_path=last``."""
+    """``chameleon-train run_name=r`` killed after step 8, then ``chameleon-train run_name=r ckpt_path=last``.
+
+    Which rows the CSV log must hold, in file order (`loggers.CSVLogger` appends on resume; every logged row
+    is written at once, `logger.save()` per `log_metrics`): the killed run logged the losses of step indices
+    0 .. KILL_AFTER - 2 (`StallAfterStep` hangs in `on_train_batch_end` after optimizer step KILL_AFTER, before
+    Lightning hands that batch's metrics to the logger); the resumed run restarts after its checkpoint (global
+    step 6, saved in `on_train_batch_end` of index 5) and logs indices 6 .. STEPS - 1. So index 6 - after the
+    checkpoint, before the kill - appears twice, every other step once, and every row equals the reference.
+    A resume that restarted from step 0, or one that skipped or repeated other steps, fails."""
     workdir = tmp_path_factory.mktemp("interrupted")
     run_dir = workdir / "runs" / "r"
     marker = workdir / "stalled"
@@ -93,8 +109,11 @@ def test_sigkill_then_resume_matches_uninterrupted_run(reference, tmp_path_facto
 
     resumed = run_cli(command + ["ckpt_path=last"], cwd=workdir)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
-    losses = logged_series(run_dir, "train/loss")
-    redone = [s for s in losses if s >= killed_at]
-    assert sorted(redone) == list(range(killed_at, STEPS)), "the resumed run must start right after the checkpoint"
-    for step in redone:
-        assert losses[step] == pytest.approx(reference[step], abs=1e-6), f"step {step}"
+    rows = logged_rows(run_dir, "train/loss")
+    before_kill, after_resume = list(range(KILL_AFTER - 1)), list(range(killed_at, STEPS))
+    assert [step for step, _ in rows] == before_kill + after_resume, (
+        "the killed run's rows must be kept, and the resumed run must redo exactly the steps after its checkpoint")
+    assert [step for step, _ in rows].count(killed_at) == 2  # redone after the kill: logged by both runs
+    for k, (step, loss) in enumerate(rows):
+        assert loss == pytest.approx(reference[step], abs=1e-6), f"row {k} (step {step})"
+    assert logged_series(run_dir, "train/loss") == pytest.approx(reference, abs=1e-6)
