@@ -207,6 +207,23 @@ class ChameleonLightningModule(L.LightningModule):
             opt, lambda s: lr_lambda(s, o["warmup_steps"], total, o["schedule"], o["min_lr_ratio"]))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
+    def on_train_start(self) -> None:
+        """Apply this run's `optim` settings to the optimizer and schedule. After a resume Lightning has loaded
+        the checkpoint's optimizer and scheduler states over the ones `configure_optimizers` built, with their
+        learning rate, betas, eps and weight decay, and the first step would run at the rate the old schedule
+        left: a ``resume_check=warn`` resume with a new ``optim.lr``, or any resume with a new
+        ``trainer.max_steps``, trained with the old settings. A no-op for a fresh run and an exact resume."""
+        o = self.hparams.optim
+        for config in self.trainer.lr_scheduler_configs:
+            sched = config.scheduler
+            groups = sched.optimizer.param_groups
+            for group, decay in zip(groups, (o["weight_decay"], 0.0), strict=True):
+                group.update(initial_lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"], weight_decay=decay)
+            sched.base_lrs = [o["lr"]] * len(groups)
+            for group, schedule in zip(groups, sched.lr_lambdas, strict=True):
+                group["lr"] = o["lr"] * schedule(sched.last_epoch)
+            sched._last_lr = [group["lr"] for group in groups]
+
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["vocab"] = self.vocab.to_dict()

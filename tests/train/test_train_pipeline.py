@@ -19,8 +19,14 @@ def read_losses(run_dir):
         return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")}
 
 
+def read_lrs(run_dir):
+    """step -> learning rate of the first parameter group, as the LearningRateMonitor logged it."""
+    with open(run_dir / "logs" / "metrics.csv") as f:
+        return {int(r["step"]): float(r["lr-AdamW/pg1"]) for r in csv.DictReader(f) if r.get("lr-AdamW/pg1")}
+
+
 @pytest.mark.slow
-def test_train_resume_export(tiny_train_cfg, tmp_path):
+def test_train_resume_export(tiny_train_cfg, tmp_path, caplog):
     result = train(tiny_train_cfg())
     run = tmp_path / "run"
     assert result["global_step"] == 6
@@ -37,6 +43,9 @@ def test_train_resume_export(tiny_train_cfg, tmp_path):
         train(tiny_train_cfg("ckpt_path=last", "trainer.max_steps=9", "optim.lr=0.5", "data.loss_on=completion"))
     with pytest.raises(ConfigError, match=r"seed: 0 in the checkpoint, 5 now"):  # the seed draws the rows
         train(tiny_train_cfg("ckpt_path=last", "trainer.max_steps=9", "seed=5"))
+    # an unknown resume_check is named, not taken for error or warn (checked before any step is trained)
+    with pytest.raises(ConfigError, match=r"resume_check='bogus' is invalid: use error or warn"):
+        train(tiny_train_cfg("ckpt_path=last", "trainer.max_steps=9", "optim.lr=0.5", "resume_check=bogus"))
     # resume continues the step count from the checkpoint, and the loss history with it
     result2 = train(tiny_train_cfg("ckpt_path=last", "trainer.max_steps=9", "data.n_val=16"))  # validation-only: free
     assert result2["global_step"] == 9
@@ -52,6 +61,24 @@ def test_train_resume_export(tiny_train_cfg, tmp_path):
     assert vocab_a == vocab_b and meta["global_step"] == 9
     for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
         assert ka == kb and torch.equal(va, vb)
+
+    # resume_check=warn continues with a changed setting, logging each difference (and the new max_steps)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="chameleon_lite.cli.train"):
+        result3 = train(tiny_train_cfg("ckpt_path=last", "trainer.max_steps=11", "optim.lr=0.5", "resume_check=warn",
+                                       "callbacks.loss_curve=null", "export_weights=false"))
+    assert result3["global_step"] == 11
+    assert sorted(read_losses(run)) == list(range(11))
+    last = run / "checkpoints" / "last.ckpt"
+    warnings = [r.getMessage() for r in caplog.records if r.name == "chameleon_lite.cli.train"]
+    assert f"resume_check=warn: resuming {last} with changed settings: optim.lr: 0.003 in the checkpoint, 0.5 now" \
+        in warnings, warnings  # (data.n_val=16 -> 32 is free: not listed)
+    assert any(m.startswith(f"resuming {last} (trained for trainer.max_steps=9) with trainer.max_steps=11")
+               for m in warnings), warnings
+    assert torch.load(last, weights_only=True)["hyper_parameters"]["optim"]["lr"] == 0.5
+    # ... and the run does continue with it: steps 9 and 10 train at 0.5 x the schedule rebuilt over 11 steps
+    lrs = read_lrs(run)
+    assert [lrs[9], lrs[10]] == pytest.approx([0.5 * lr_lambda(s, 2, 11, "cosine", 0.1) for s in (9, 10)])
 
 
 @pytest.mark.slow
