@@ -6,9 +6,10 @@ import sys
 import pytest
 from conftest import compose_config
 from hydra.errors import ConfigCompositionException
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from chameleon_lite.config import CONF_DIR
+from chameleon_lite.model import ModelConfig
 
 PRIMARY = sorted(p.stem for p in CONF_DIR.glob("*.yaml"))
 
@@ -24,11 +25,44 @@ def test_primary_config_composes(name):
     OmegaConf.resolve(cfg)  # every interpolation resolves (run_dir/out_dir default to Hydra's runtime output dir)
 
 
-@pytest.mark.parametrize("group", ["model", "trainer", "data", "logger", "optim", "callbacks"])
+GROUPS = ["model", "trainer", "data", "logger", "optim", "callbacks"]
+
+
+def train_defaults() -> dict[str, str]:
+    """group -> the option conf/train.yaml's defaults list picks."""
+    return {k: v for entry in OmegaConf.load(CONF_DIR / "train.yaml").defaults if isinstance(entry, DictConfig)
+            for k, v in entry.items()}
+
+
+@pytest.mark.parametrize("group", GROUPS)
 def test_every_group_option_composes_into_train(group):
-    for option in sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml")):
-        cfg = compose_config("train", [f"{group}={option}"])
+    default_option = train_defaults()[group]
+    options = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+    assert default_option in options
+    default = OmegaConf.to_container(compose_config("train", []))  # unresolved: ${run_dir} needs Hydra's runtime
+    for option in options:
+        cfg = OmegaConf.to_container(compose_config("train", [f"{group}={option}"]))
         assert cfg[group] is not None
+        # the group holds the option's own settings (on top of those it inherits), and only that group moves
+        own = OmegaConf.to_container(OmegaConf.load(CONF_DIR / group / f"{option}.yaml"))
+        if isinstance(own, dict):  # (logger options are lists)
+            own.pop("defaults", None)
+            assert {k: cfg[group].get(k) for k in own} == own, option
+        else:
+            assert cfg[group] == own, option
+        assert {k: v for k, v in cfg.items() if k != group} == {k: v for k, v in default.items() if k != group}
+        # every option but the default one changes the group (optim and callbacks have the default alone)
+        assert (cfg[group] == default[group]) == (option == default_option), option
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml")))
+def test_every_model_preset_builds_a_valid_model_config(preset):
+    values = OmegaConf.to_container(compose_config("train", [f"model={preset}"]).model, resolve=True)
+    # vocab_size is null until the training code fills it from the tokenizers (chameleon_7b fixes Meta's 65536)
+    mc = ModelConfig.from_dict(values, vocab_size=values["vocab_size"] or 1024)
+    mc.validate()
+    assert mc.vocab_size == (65536 if preset == "chameleon_7b" else 1024)
+    assert ModelConfig.from_preset(preset, vocab_size=mc.vocab_size) == mc  # the preset loader agrees
 
 
 def test_typical_overrides():

@@ -166,11 +166,52 @@ def corpus(tmp_path_factory) -> Path:
     return write_corpus(tmp_path_factory.mktemp("corpus"), lines)
 
 
-def test_each_bad_record_is_a_skip_counted_under_its_reason(corpus, tmp_path_factory):
-    dm = datamodule(tmp_path_factory.getbasetemp(), corpus)
+#: case id -> what the warning logged for its record says (the detail behind the counted reason)
+LOGGED = {
+    "corrupt_png": "image data is corrupt or truncated", "truncated_png": "image data is corrupt or truncated",
+    "corrupt_jpeg": "image data is corrupt or truncated", "corrupt_jpeg_header": "not a readable image",
+    "truncated_jpeg": "image data is corrupt or truncated", "zero_bytes": "file is empty (0 bytes)",
+    "one_pixel": "is smaller than min_side=8", "above_pixel_budget": f"exceeds max_pixels={MAX_PIXELS}",
+    "missing_image": "image file not found", "missing_image_in_document": "image file not found",
+    "latin1_caption": "line is not valid UTF-8", "lone_surrogate": "unpaired surrogate escape (not valid Unicode)",
+    "empty_caption": "text is empty", "blank_caption": "text is empty", "malformed_json": "not valid JSON",
+    "not_an_object": "is neither an image+text pair nor a segments document",
+    "no_text": "is neither an image+text pair nor a segments document",
+    "image_segment_without_path": "has no string 'path'", "unknown_segment_type": "has unknown type 'video'",
+    "longer_than_seq_len": "is longer than data.seq_len=64",
+}
+
+
+def skip_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == jsonl.__name__ and r.levelname == "WARNING"]
+
+
+def test_each_bad_record_is_a_skip_counted_under_its_reason(corpus, tmp_path_factory, caplog):
+    with caplog.at_level("WARNING", logger=jsonl.__name__):
+        dm = datamodule(tmp_path_factory.getbasetemp(), corpus)
+    # each skipped record is logged once, with its file:line (line 1 is GOOD[0], line 2 blank) and what is wrong
+    warnings = skip_warnings(caplog)
+    assert len(BAD) <= jsonl.MAX_LOGGED_SKIPS  # (under the cap: every one is logged)
+    assert len(warnings) == len(BAD), warnings
+    for number, (case, _, _) in enumerate(BAD, start=3):
+        (message,) = [m for m in warnings if m.startswith(f"skipping record {corpus}:{number}: ")]
+        assert LOGGED[case] in message, (case, message)
     assert dm.skipped == Counter(reason for _, _, reason in BAD)
     # RGBA, CMYK, grayscale and 16-bit images are converted, not skipped
     assert dm.train_set.stats[0].documents == len(GOOD)
+
+
+def test_skipped_records_past_the_cap_are_counted_but_not_logged_one_by_one(tmp_path, tmp_path_factory, caplog):
+    n = jsonl.MAX_LOGGED_SKIPS + 3
+    malformed = next(line for case, line, _ in BAD if case == "malformed_json")
+    path = write_corpus(tmp_path, [GOOD[0], *[malformed] * n])
+    with caplog.at_level("WARNING", logger=jsonl.__name__):
+        dm = datamodule(tmp_path_factory.getbasetemp(), path)
+    assert dm.skipped == Counter({jsonl.REASON_BAD_JSON: n})
+    assert skip_warnings(caplog) == [
+        *(f"skipping record {path}:{k}: not valid JSON (Expecting value at column 36)"
+          for k in range(2, jsonl.MAX_LOGGED_SKIPS + 2)),
+        "more skipped records are counted but not logged (see the per-epoch summary)"]
 
 
 @pytest.mark.parametrize("case, line, reason", BAD, ids=[case for case, _, _ in BAD])

@@ -1,7 +1,10 @@
+import csv
 import subprocess
 import sys
 
 import pytest
+import torch
+import yaml
 from conftest import TINY_TRAIN
 
 from chameleon_lite.cli.plot_runs import find_runs
@@ -19,6 +22,22 @@ def test_two_job_cpu_multirun(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = find_runs([sweep])
     assert len(runs) == 2
+    # each job ran with its own swept value: Hydra's record of the job, the checkpoint's hyper-parameters and
+    # the learning rate the optimizer really used (warm-up step 0 of 2: half the peak)
+    swept = {}
+    for job in sorted(p for p in sweep.iterdir() if (p / ".hydra").is_dir()):
+        lr_override = [o for o in yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text())
+                       if o.startswith("optim.lr=")]
+        assert len(lr_override) == 1, lr_override
+        lr = float(lr_override[0].split("=", 1)[1])
+        assert yaml.safe_load((job / ".hydra" / "config.yaml").read_text())["optim"]["lr"] == lr
+        ckpt = torch.load(job / "checkpoints" / "last.ckpt", weights_only=True)
+        assert ckpt["hyper_parameters"]["optim"]["lr"] == lr and ckpt["global_step"] == 2
+        with open(job / "logs" / "metrics.csv") as f:
+            used = {int(r["step"]): float(r["lr-AdamW/pg1"]) for r in csv.DictReader(f) if r.get("lr-AdamW/pg1")}
+        assert used[0] == pytest.approx(lr / 2), (job.name, used)
+        swept[job.name] = lr
+    assert swept == {"0": 1e-3, "1": 3e-3}
     out = plot_main([str(sweep), "--out", str(tmp_path / "runs.png")])
     assert out.is_file() and out.stat().st_size > 1000
 
