@@ -13,7 +13,7 @@ from chameleon_lite.config import ConfigError, hydra_app, require, resolve_path
 from chameleon_lite.data.datamodule import ChameleonDataModule, training_data_record
 from chameleon_lite.model import ModelConfig
 from chameleon_lite.multimodal_tokenizer import MultimodalTokenizer
-from chameleon_lite.train.module import ChameleonLightningModule
+from chameleon_lite.train.module import ChameleonLightningModule, trainer_settings
 from chameleon_lite.train.trainer import build_trainer, resolve_ckpt_path
 
 log = logging.getLogger(__name__)
@@ -82,11 +82,13 @@ def _differences(old: Any, new: Any, prefix: str, free: frozenset[str] | set[str
     return [] if old == new else [f"{prefix}: {old!r} in the checkpoint, {new!r} now"]
 
 
-def check_resume(ckpt_file: str, module: ChameleonLightningModule, dm: ChameleonDataModule, mode: str) -> None:
+def check_resume(ckpt_file: str, module: ChameleonLightningModule, dm: ChameleonDataModule, mode: str,
+                 trainer: L.Trainer) -> None:
     """A resumed run must train what the checkpoint's run trained: ``chameleon-train run_name=x ckpt_path=last``
     without the run's overrides (``experiment=shapes_cpu``) would otherwise continue another recipe (other rows,
     task mix, loss, optimizer) on its weights. ``resume_check=error`` (default) raises listing every setting that
-    differs from the checkpoint's hyper-parameters, except `RESUME_FREE`; ``warn`` logs them and goes on. A new
+    differs from the checkpoint's hyper-parameters and gradient clipping (`trainer_settings`), except
+    `RESUME_FREE`; ``warn`` logs them and goes on. A new
     ``trainer.max_steps`` (a run extended or shortened) is logged: the LR schedule is rebuilt over it."""
     if mode not in ("error", "warn"):
         raise ConfigError(f"resume_check={mode!r} is invalid: use error or warn")
@@ -97,6 +99,8 @@ def check_resume(ckpt_file: str, module: ChameleonLightningModule, dm: Chameleon
     for key in ("model", "optim", "training_data", "data", "seed"):  # the seed draws the task mix and row order
         if key in old:  # (a checkpoint from before the key was recorded has none)
             differences += _differences(old[key], new.get(key), key, RESUME_FREE.get(key, frozenset()))
+    if "trainer_settings" in saved:  # gradient clipping (checkpoints of session 17 on)
+        differences += _differences(saved["trainer_settings"], trainer_settings(trainer), "trainer")
     if old.get("total_steps") not in (None, new["total_steps"]):
         log.warning("resuming %s (trained for trainer.max_steps=%s) with trainer.max_steps=%s: the LR schedule is "
                     "rebuilt over the new length", ckpt_file, old["total_steps"], new["total_steps"])
@@ -144,7 +148,7 @@ def train(cfg: DictConfig) -> dict:
              module.model.num_params(exclude_embeddings=True) / 1e6)
     ckpt_file = resolve_ckpt_path(cfg.ckpt_path, run_dir)
     if ckpt_file is not None:
-        check_resume(ckpt_file, module, dm, cfg.get("resume_check", "error"))
+        check_resume(ckpt_file, module, dm, cfg.get("resume_check", "error"), trainer)
         if init_from is not None:
             log.info("resuming %s: its weights, not init_from=%s, are trained on", ckpt_file, init_from)
     elif init_from is not None:

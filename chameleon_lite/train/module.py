@@ -47,6 +47,14 @@ def _sum_over_processes(counts: Counter) -> Counter:
     return sum((Counter(c) for c in gathered), Counter())
 
 
+def trainer_settings(trainer: L.Trainer) -> dict[str, Any]:
+    """The trainer settings that change what a step computes, beside the module's hyper-parameters: recorded in
+    every checkpoint so that a resume can tell when they changed."""
+    algorithm = trainer.gradient_clip_algorithm
+    return {"gradient_clip_val": trainer.gradient_clip_val,
+            "gradient_clip_algorithm": None if algorithm is None else str(getattr(algorithm, "value", algorithm))}
+
+
 class ChameleonLightningModule(L.LightningModule):
     def __init__(self, model: dict, optim: dict, vocab: dict, total_steps: int, tokenizer_dir: str | None = None,
                  compile: bool = False, training_data: dict | None = None, init_from: str | None = None):
@@ -227,6 +235,7 @@ class ChameleonLightningModule(L.LightningModule):
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["vocab"] = self.vocab.to_dict()
+        checkpoint["trainer_settings"] = trainer_settings(self.trainer)  # (checked on resume: `cli.train`)
         if self.tokenizer_dir is not None:
             checkpoint["tokenizer_dir"] = str(self.tokenizer_dir)
         checkpoint["rng"] = {"torch": torch.get_rng_state()}

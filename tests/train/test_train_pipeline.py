@@ -43,6 +43,8 @@ def test_train_resume_export(tiny_train_cfg, tmp_path, caplog):
         train(tiny_train_cfg("ckpt_path=last", "trainer.max_steps=9", "optim.lr=0.5", "data.loss_on=completion"))
     with pytest.raises(ConfigError, match=r"seed: 0 in the checkpoint, 5 now"):  # the seed draws the rows
         train(tiny_train_cfg("ckpt_path=last", "trainer.max_steps=9", "seed=5"))
+    with pytest.raises(ConfigError, match=r"trainer.gradient_clip_val: 1.0 in the checkpoint, 0.25 now"):
+        train(tiny_train_cfg("ckpt_path=last", "trainer.max_steps=9", "trainer.gradient_clip_val=0.25"))
     # an unknown resume_check is named, not taken for error or warn (checked before any step is trained)
     with pytest.raises(ConfigError, match=r"resume_check='bogus' is invalid: use error or warn"):
         train(tiny_train_cfg("ckpt_path=last", "trainer.max_steps=9", "optim.lr=0.5", "resume_check=bogus"))
