@@ -176,7 +176,7 @@ def test_demo_main_job_trains_samples_and_prints_both_tables(tmp_path, capsys):
 
     from chameleon_lite.cli import demo
 
-    out = tmp_path / "demo"
+    out = tmp_path / "my demo (1),x=y"  # a path Hydra would parse as a sweep unless the demo quotes it
     result = demo.main([f"out_dir={out}", *TINY_TRAIN, f"data.cache_dir={tmp_path / 'cache'}",
                         "callbacks.loss_curve=null", "eval.n_prompts=4", "eval.images_per_prompt=1",
                         "eval.n_images=8", "eval.image_candidates=2", "eval.caption_candidates=2",
