@@ -148,8 +148,10 @@ def init_weights_from(model: ChameleonLM, source: str | os.PathLike, vocab: Unif
     else:
         loaded, found_vocab, meta = load_model(source)
     vocab.check_compatible(found_vocab, "this run's tokenizers", f"init_from={source}")
+    unused = () if model.cfg.image_pos_embed or loaded.cfg.image_pos_embed else ("image_grid", "image_ids")
     differences = {key: (getattr(model.cfg, field), getattr(loaded.cfg, field))
-                   for field, key in ARCHITECTURE_KEYS.items() if getattr(model.cfg, field) != getattr(loaded.cfg, field)}
+                   for field, key in ARCHITECTURE_KEYS.items()
+                   if field not in unused and getattr(model.cfg, field) != getattr(loaded.cfg, field)}
     if differences:
         listing = "; ".join(f"model.{key}={mine!r} here, {theirs!r} there" for key, (mine, theirs) in differences.items())
         fix = " ".join(f"model.{key}={json.dumps(theirs).replace(' ', '')}" for key, (_, theirs) in differences.items())

@@ -83,13 +83,14 @@ def _differences(old: Any, new: Any, prefix: str, free: frozenset[str] | set[str
 
 
 def check_resume(ckpt_file: str, module: ChameleonLightningModule, dm: ChameleonDataModule, mode: str,
-                 trainer: L.Trainer) -> None:
+                 trainer: L.Trainer) -> str | None:
     """A resumed run must train what the checkpoint's run trained: ``chameleon-train run_name=x ckpt_path=last``
     without the run's overrides (``experiment=shapes_cpu``) would otherwise continue another recipe (other rows,
     task mix, loss, optimizer) on its weights. ``resume_check=error`` (default) raises listing every setting that
     differs from the checkpoint's hyper-parameters and gradient clipping (`trainer_settings`), except
     `RESUME_FREE`; ``warn`` logs them and goes on. A new
-    ``trainer.max_steps`` (a run extended or shortened) is logged: the LR schedule is rebuilt over it."""
+    ``trainer.max_steps`` (a run extended or shortened) is logged: the LR schedule is rebuilt over it; so is another
+    global batch (rows per optimizer step), free at an epoch boundary. Returns the checkpoint's ``init_from``."""
     if mode not in ("error", "warn"):
         raise ConfigError(f"resume_check={mode!r} is invalid: use error or warn")
     saved = safe_torch_load(ckpt_file, mmap=True)
@@ -99,17 +100,23 @@ def check_resume(ckpt_file: str, module: ChameleonLightningModule, dm: Chameleon
     for key in ("model", "optim", "training_data", "data", "seed"):  # the seed draws the task mix and row order
         if key in old:  # (a checkpoint from before the key was recorded has none)
             differences += _differences(old[key], new.get(key), key, RESUME_FREE.get(key, frozenset()))
-    if "trainer_settings" in saved:  # gradient clipping (checkpoints of session 17 on)
-        differences += _differences(saved["trainer_settings"], trainer_settings(trainer), "trainer")
+    now = trainer_settings(trainer)
+    if "trainer_settings" in saved:  # (checkpoints of session 17 on)
+        was = dict(saved["trainer_settings"])
+        if was.pop("accumulate_grad_batches", None) not in (None, now["accumulate_grad_batches"]):
+            log.warning("resuming %s with trainer.accumulate_grad_batches=%s (the run used %s): another global batch",
+                        ckpt_file, now["accumulate_grad_batches"], saved["trainer_settings"]["accumulate_grad_batches"])
+        differences += _differences(was, now, "trainer")
     if old.get("total_steps") not in (None, new["total_steps"]):
         log.warning("resuming %s (trained for trainer.max_steps=%s) with trainer.max_steps=%s: the LR schedule is "
                     "rebuilt over the new length", ckpt_file, old["total_steps"], new["total_steps"])
+    started_from = old.get("init_from")
     if not differences:
-        return
+        return started_from
     listing = "; ".join(differences)
     if mode == "warn":
         log.warning("resume_check=warn: resuming %s with changed settings: %s", ckpt_file, listing)
-        return
+        return started_from
     raise ConfigError(f"ckpt_path={ckpt_file} was trained with other settings than this run's: {listing}. Resume "
                       "with the run's original overrides (e.g. chameleon-train experiment=shapes_cpu run_name=x "
                       "ckpt_path=last), or set resume_check=warn to continue it with the new settings")
@@ -119,12 +126,12 @@ def train(cfg: DictConfig) -> dict:
     """Run one training job; returns final metrics and the paths it wrote."""
     L.seed_everything(cfg.seed, workers=True)
     run_dir = resolve_path(cfg.run_dir)
+    ckpt_file = resolve_ckpt_path(cfg.ckpt_path, run_dir)
     init_from = cfg.get("init_from")
-    if init_from is not None:
-        init_from = resolve_path(init_from)
-        if not init_from.exists():
-            raise FileNotFoundError(f"init_from={init_from} does not exist: give an exported model directory "
-                                    "(runs/<run>/model), a .ckpt file or a Hugging Face Chameleon directory")
+    init_from = None if init_from is None else resolve_path(init_from)
+    if ckpt_file is None and init_from is not None and not init_from.exists():  # (a resume does not read it)
+        raise FileNotFoundError(f"init_from={init_from} does not exist: give an exported model directory "
+                                "(runs/<run>/model), a .ckpt file or a Hugging Face Chameleon directory")
     trainer = build_trainer(cfg)  # first: a bad trainer setting fails before any data is prepared
     resolve_batch_tokens(cfg, trainer)
     dm = ChameleonDataModule(cfg.data, tokenizer_dir=cfg.tokenizer.dir, seed=cfg.seed)
@@ -146,11 +153,12 @@ def train(cfg: DictConfig) -> dict:
                                       init_from=None if init_from is None else str(init_from))
     log.info("model: %.2fM parameters (%.2fM without embeddings)", module.model.num_params() / 1e6,
              module.model.num_params(exclude_embeddings=True) / 1e6)
-    ckpt_file = resolve_ckpt_path(cfg.ckpt_path, run_dir)
     if ckpt_file is not None:
-        check_resume(ckpt_file, module, dm, cfg.get("resume_check", "error"), trainer)
+        started_from = check_resume(ckpt_file, module, dm, cfg.get("resume_check", "error"), trainer)
+        module.hparams["init_from"] = started_from  # the run's record, whatever this command says
         if init_from is not None:
-            log.info("resuming %s: its weights, not init_from=%s, are trained on", ckpt_file, init_from)
+            log.info("resuming %s: its weights, not init_from=%s, are trained on (the run started from %s)",
+                     ckpt_file, init_from, started_from)
     elif init_from is not None:
         init_weights_from(module.model, init_from, vocab)
         log.info("initialised the model from %s (a new run: fresh optimizer state and LR schedule)", init_from)

@@ -48,11 +48,15 @@ def _sum_over_processes(counts: Counter) -> Counter:
 
 
 def trainer_settings(trainer: L.Trainer) -> dict[str, Any]:
-    """The trainer settings that change what a step computes, beside the module's hyper-parameters: recorded in
-    every checkpoint so that a resume can tell when they changed."""
+    """The trainer settings that change what a step computes, beside the module's hyper-parameters, recorded in
+    every checkpoint so that a resume can tell when they changed: gradient clipping, normalised (no clipping is
+    None whether 0 or null; Lightning clips by norm when no algorithm is given), and micro-batches per step.
+    Precision is not among them: ``cpu_bf16=auto`` picks it per machine."""
+    value = float(trainer.gradient_clip_val) if trainer.gradient_clip_val else None
     algorithm = trainer.gradient_clip_algorithm
-    return {"gradient_clip_val": trainer.gradient_clip_val,
-            "gradient_clip_algorithm": None if algorithm is None else str(getattr(algorithm, "value", algorithm))}
+    algorithm = str(getattr(algorithm, "value", algorithm)) if algorithm is not None else "norm"
+    return {"gradient_clip_val": value, "gradient_clip_algorithm": algorithm if value else None,
+            "accumulate_grad_batches": trainer.accumulate_grad_batches}
 
 
 class ChameleonLightningModule(L.LightningModule):

@@ -36,13 +36,18 @@ def test_a_run_starts_from_the_exported_weights_and_records_them(source, tiny_tr
     fresh = ChameleonLM(model.cfg)
     assert max_difference(fresh, model) > 0.01  # (a fresh init would not pass the line above)
     assert meta["init_from"] == str(exported.resolve())
-    # resuming that run (the same command + ckpt_path=last) continues its checkpoint, not the source
+    # resuming that run continues its checkpoint, not the source, which need not exist any more; the run's record
+    # of where it started stays, whatever the resuming command says
     with caplog.at_level(logging.INFO, logger="chameleon_lite.cli.train"):
-        resumed = train(tiny_train_cfg(f"init_from={exported}", "trainer.max_steps=3", "optim.lr=1e-7",
+        resumed = train(tiny_train_cfg(f"init_from={tmp_path / 'moved'}", "trainer.max_steps=3", "optim.lr=1e-7",
                                        "callbacks.checkpoint.every_n_train_steps=2", "trainer.val_check_interval=2",
                                        "ckpt_path=last"))
     assert resumed["global_step"] == 3
     assert "its weights, not init_from" in caplog.text
+    assert load_model(resumed["weights"])[2]["init_from"] == str(exported.resolve())
+    again = train(tiny_train_cfg("trainer.max_steps=4", "optim.lr=1e-7", "callbacks.checkpoint.every_n_train_steps=2",
+                                 "trainer.val_check_interval=2", "ckpt_path=last"))  # (no init_from at all)
+    assert load_model(again["weights"])[2]["init_from"] == str(exported.resolve())
 
 
 def test_a_checkpoint_file_initialises_the_same_weights(source, tiny_checkpoint):
