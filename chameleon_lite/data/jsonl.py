@@ -143,7 +143,7 @@ class SkipReport:
         self.skipped[reason] += 1
         self.logged += 1
         if self.logged <= MAX_LOGGED_SKIPS:
-            log.warning("skipping record %s: %s", where, detail)
+            log.warning("skipping record %s: %s [counted as: %s]", where, detail, reason)
         elif self.logged == MAX_LOGGED_SKIPS + 1:
             log.warning("more skipped records are counted but not logged (see the per-epoch summary)")
 

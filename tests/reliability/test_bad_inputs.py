@@ -193,9 +193,10 @@ def test_each_bad_record_is_a_skip_counted_under_its_reason(corpus, tmp_path_fac
     warnings = skip_warnings(caplog)
     assert len(BAD) <= jsonl.MAX_LOGGED_SKIPS  # (under the cap: every one is logged)
     assert len(warnings) == len(BAD), warnings
-    for number, (case, _, _) in enumerate(BAD, start=3):
+    for number, (case, _, reason) in enumerate(BAD, start=3):
         (message,) = [m for m in warnings if m.startswith(f"skipping record {corpus}:{number}: ")]
         assert LOGGED[case] in message, (case, message)
+        assert message.endswith(f" [counted as: {reason}]"), message  # the epoch summary's name for it
     assert dm.skipped == Counter(reason for _, _, reason in BAD)
     # RGBA, CMYK, grayscale and 16-bit images are converted, not skipped
     assert dm.train_set.stats[0].documents == len(GOOD)
@@ -209,7 +210,8 @@ def test_skipped_records_past_the_cap_are_counted_but_not_logged_one_by_one(tmp_
         dm = datamodule(tmp_path_factory.getbasetemp(), path)
     assert dm.skipped == Counter({jsonl.REASON_BAD_JSON: n})
     assert skip_warnings(caplog) == [
-        *(f"skipping record {path}:{k}: not valid JSON (Expecting value at column 36)"
+        *(f"skipping record {path}:{k}: not valid JSON (Expecting value at column 36) [counted as: "
+          f"{jsonl.REASON_BAD_JSON}]"
           for k in range(2, jsonl.MAX_LOGGED_SKIPS + 2)),
         "more skipped records are counted but not logged (see the per-epoch summary)"]
 
