@@ -88,9 +88,9 @@ def check_resume(ckpt_file: str, module: ChameleonLightningModule, dm: Chameleon
     without the run's overrides (``experiment=shapes_cpu``) would otherwise continue another recipe (other rows,
     task mix, loss, optimizer) on its weights. ``resume_check=error`` (default) raises listing every setting that
     differs from the checkpoint's hyper-parameters and gradient clipping (`trainer_settings`), except
-    `RESUME_FREE`; ``warn`` logs them and goes on. A new
-    ``trainer.max_steps`` (a run extended or shortened) is logged: the LR schedule is rebuilt over it; so is another
-    global batch (rows per optimizer step), free at an epoch boundary. Returns the checkpoint's ``init_from``."""
+    `RESUME_FREE`; ``warn`` logs them and goes on. A new ``trainer.max_steps`` (a run extended or shortened) is
+    logged: the LR schedule is rebuilt over it; so is another ``trainer.accumulate_grad_batches`` (another global
+    batch, free like the batch size). Returns the checkpoint's ``init_from``, the run's record of its start."""
     if mode not in ("error", "warn"):
         raise ConfigError(f"resume_check={mode!r} is invalid: use error or warn")
     saved = safe_torch_load(ckpt_file, mmap=True)
@@ -100,9 +100,8 @@ def check_resume(ckpt_file: str, module: ChameleonLightningModule, dm: Chameleon
     for key in ("model", "optim", "training_data", "data", "seed"):  # the seed draws the task mix and row order
         if key in old:  # (a checkpoint from before the key was recorded has none)
             differences += _differences(old[key], new.get(key), key, RESUME_FREE.get(key, frozenset()))
-    now = trainer_settings(trainer)
     if "trainer_settings" in saved:  # (checkpoints of session 17 on)
-        was = dict(saved["trainer_settings"])
+        was, now = dict(saved["trainer_settings"]), trainer_settings(trainer)
         if was.pop("accumulate_grad_batches", None) not in (None, now["accumulate_grad_batches"]):
             log.warning("resuming %s with trainer.accumulate_grad_batches=%s (the run used %s): another global batch",
                         ckpt_file, now["accumulate_grad_batches"], saved["trainer_settings"]["accumulate_grad_batches"])

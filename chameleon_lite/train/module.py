@@ -212,12 +212,16 @@ class ChameleonLightningModule(L.LightningModule):
         for p in self.model.parameters():
             if p.requires_grad:
                 (decay if id(p) in linear else no_decay).append(p)
-        groups = [{"params": decay, "weight_decay": o["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}]
+        groups = [{"params": params, "weight_decay": wd} for params, wd in zip((decay, no_decay), self._decays(), strict=True)]
         opt = torch.optim.AdamW(groups, lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"])
         total = self.hparams.total_steps
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: lr_lambda(s, o["warmup_steps"], total, o["schedule"], o["min_lr_ratio"]))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def _decays(self) -> tuple[float, float]:
+        """Weight decay of the optimizer's two parameter groups: linear weights, then the rest."""
+        return self.hparams.optim["weight_decay"], 0.0
 
     def on_train_start(self) -> None:
         """Apply this run's `optim` settings to the optimizer and schedule. After a resume Lightning has loaded
@@ -229,7 +233,7 @@ class ChameleonLightningModule(L.LightningModule):
         for config in self.trainer.lr_scheduler_configs:
             sched = config.scheduler
             groups = sched.optimizer.param_groups
-            for group, decay in zip(groups, (o["weight_decay"], 0.0), strict=True):
+            for group, decay in zip(groups, self._decays(), strict=True):
                 group.update(initial_lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"], weight_decay=decay)
             sched.base_lrs = [o["lr"]] * len(groups)
             for group, schedule in zip(groups, sched.lr_lambdas, strict=True):
