@@ -12,13 +12,14 @@ done here (row ``r`` goes to rank ``r % world_size``), so the trainer runs with
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from chameleon_lite.data.packing import PackedRow, PackingStats, pack_documents
-from chameleon_lite.data.sequences import Document
+from chameleon_lite.data.sequences import IGNORE_INDEX, Document
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,7 @@ class PackedDataset(Dataset):
     """Items are ``(epoch, row)`` keys -> dict of fixed-shape tensors (see ``PackedRow.to_tensors``)."""
 
     def __init__(self, make_documents: Callable[[int], list[Document]], seq_len: int, pad_id: int,
-                 overflow: str = "split", lookahead: int = 64, max_docs: int | None = None):
+                 overflow: str = "split", lookahead: int = 64):
         self.make_documents = make_documents
         self.seq_len = seq_len
         self.pad_id = pad_id
@@ -41,8 +42,9 @@ class PackedDataset(Dataset):
             raise ValueError(f"the data produced no rows: all {no_loss} documents hold no loss token (check "
                              "data.loss_on and data.tasks)" if no_loss else
                              "the training data produced no documents: check data.* (empty dataset?)")
-        longest = max(len(r.doc_lens) for r in rows0)
-        self.max_docs = max_docs or max(longest * 2, 8)
+        # `doc_lens` padded to the most documents a row can hold, so any epoch's rows collate: a later epoch's
+        # shuffle can pack more short documents into one row than epoch 0 did
+        self.max_docs = seq_len
 
     def rows(self, epoch: int) -> list[PackedRow]:
         """The packed rows of ``epoch``, built once; kept: epoch 0 (it sizes the epoch) and the latest other.
@@ -73,9 +75,15 @@ class PackedDataset(Dataset):
         return self.rows_per_epoch()
 
     def __getitem__(self, key: tuple[int, int] | int) -> dict[str, torch.Tensor]:
+        """``(epoch, row)``; a row past the epoch's last: the epoch's rows again from its first (another epoch
+        may pack fewer rows than epoch 0); past the last of a fixed epoch (validation): a row without labels,
+        which evens out the processes' shares (`ResumableRowSampler`)."""
         epoch, row = key if isinstance(key, tuple) else (0, key)
         rows = self.rows(epoch)
-        return rows[row % len(rows)].to_tensors(self.max_docs)
+        tensors = rows[row % len(rows)].to_tensors(self.max_docs)
+        if row < 0:
+            tensors["labels"] = torch.full_like(tensors["labels"], IGNORE_INDEX)
+        return tensors
 
 
 class ResumableRowSampler(Sampler):
@@ -95,12 +103,14 @@ class ResumableRowSampler(Sampler):
             self.epoch, self.start = epoch, 0
 
     def __len__(self) -> int:
+        if self.fixed_epoch:  # every row once: the last ranks' shares end with an unlabelled row (-1) if need be
+            return math.ceil(self.n_rows / self.world_size)
         return self.n_rows // self.world_size
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         mine = range(self.rank, len(self) * self.world_size, self.world_size)
         for row in mine[self.start:]:
-            yield self.epoch, row
+            yield self.epoch, row if row < self.n_rows else -1
 
 
 class ResumableDataLoader(DataLoader):

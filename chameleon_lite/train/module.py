@@ -22,6 +22,8 @@ from chameleon_lite.model import ChameleonLM, ModelConfig, head_loss
 from chameleon_lite.vocab import UnifiedVocab
 
 SCHEDULES = ("cosine", "exponential", "constant")
+#: What a validation pass adds up on each process (`ChameleonLightningModule.on_validation_epoch_end`).
+_VAL_SUMS = ("loss", "ce", "z_loss", "tokens", "ce_text", "text_tokens", "ce_image", "image_tokens")
 
 
 def lr_lambda(step: int, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
@@ -108,23 +110,23 @@ class ChameleonLightningModule(L.LightningModule):
         is_image = self._image_ids[labels.clamp(min=0)] & counted  # (B, T) target is an image code
         is_text = counted & ~is_image
         metrics = {"loss": out.loss, "ce": out.ce, "z_loss": out.z_loss}
+        if stage != "train":
+            self._add_val_sums(out, is_text, is_image)
+            return metrics
         for name, mask in (("text", is_text), ("image", is_image)):
             n = mask.sum()
             if n > 0:
                 metrics[f"ce_{name}"] = out.token_ce[mask].sum() / n
-        bs = labels.shape[0]
-        train = stage == "train"
         for k, v in metrics.items():
-            self.log(f"{stage}/{k}", v.detach(), prog_bar=k == "loss", on_step=train, on_epoch=not train,
-                     batch_size=bs, sync_dist=not train)
-        if train:
-            with torch.no_grad():
-                stats = {"stability/hidden_rms": hidden.detach().float().pow(2).mean().sqrt()}
-                for name, mask in (("text", is_text), ("image", is_image)):
-                    if mask.any():
-                        stats[f"stability/max_logit_{name}"] = out.max_abs_logit[mask].max()
-            metrics["stability"] = stats
-            metrics["n_tokens"] = out.n_tokens
+            self.log(f"train/{k}", v.detach(), prog_bar=k == "loss", on_step=True, on_epoch=False,
+                     batch_size=labels.shape[0])
+        with torch.no_grad():
+            stats = {"stability/hidden_rms": hidden.detach().float().pow(2).mean().sqrt()}
+            for name, mask in (("text", is_text), ("image", is_image)):
+                if mask.any():
+                    stats[f"stability/max_logit_{name}"] = out.max_abs_logit[mask].max()
+        metrics["stability"] = stats
+        metrics["n_tokens"] = out.n_tokens
         return metrics
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Any]:
@@ -177,8 +179,33 @@ class ChameleonLightningModule(L.LightningModule):
             return
         self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
+    def on_validation_epoch_start(self) -> None:
+        dtype = torch.float32 if self.device.type == "mps" else torch.float64  # (MPS has no float64)
+        self._val_sums = torch.zeros(len(_VAL_SUMS), dtype=dtype, device=self.device)
+
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        self._shared_step(batch, "val")
+        if bool((batch["labels"] != IGNORE_INDEX).any()):  # (else only rows that even out the processes' shares)
+            self._shared_step(batch, "val")
+
+    def _add_val_sums(self, out: Any, is_text: Tensor, is_image: Tensor) -> None:
+        n = out.n_tokens
+        parts = {"loss": out.loss * n, "ce": out.ce * n, "z_loss": out.z_loss * n, "tokens": n,
+                 "ce_text": out.token_ce[is_text].sum(), "text_tokens": is_text.sum(),
+                 "ce_image": out.token_ce[is_image].sum(), "image_tokens": is_image.sum()}
+        self._val_sums += torch.stack([parts[k].detach().to(self._val_sums.dtype) for k in _VAL_SUMS])
+
+    def on_validation_epoch_end(self) -> None:
+        """Log ``val/*`` as means over every loss token of the validation pass, on all processes together: a
+        mean of batch means would weigh a token by its batch's size (and the process count), and a per-batch
+        ``sync_dist`` log of a modality one process lacks would pair other collectives across processes."""
+        sums = self._val_sums
+        if self.trainer.world_size > 1:
+            sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
+        total = dict(zip(_VAL_SUMS, sums.tolist(), strict=True))
+        for key, count in (("loss", "tokens"), ("ce", "tokens"), ("z_loss", "tokens"), ("ce_text", "text_tokens"),
+                           ("ce_image", "image_tokens")):
+            if total[count] > 0:
+                self.log(f"val/{key}", total[key] / total[count], prog_bar=key == "loss")
 
     def on_train_epoch_end(self) -> None:
         dm = getattr(self.trainer, "datamodule", None)

@@ -83,6 +83,17 @@ def test_validation_reads_the_same_rows_every_epoch_and_drops_none():
     assert next(iter(training)) == (3, 0)
 
 
+@pytest.mark.parametrize("n_rows, world", [(11, 2), (10, 4), (1, 2)])
+def test_validation_over_processes_reads_every_row_once_with_equal_shares(n_rows, world):
+    """Shares of equal length (every process runs as many validation steps); rows that even them out are -1,
+    which `PackedDataset` serves without labels."""
+    shares = [list(ResumableRowSampler(n_rows, rank, world, fixed_epoch=True)) for rank in range(world)]
+    assert len({len(share) for share in shares}) == 1
+    rows = [row for share in shares for _, row in share]
+    assert sorted(r for r in rows if r >= 0) == list(range(n_rows))
+    assert rows.count(-1) == -(-n_rows // world) * world - n_rows
+
+
 def test_an_uneven_split_of_an_old_state_rereads_rather_than_skips_and_warns(caplog):
     old = _loaders(1, 5)
     read = _read(old[0], batches=1)  # rows 0-4: 5 rows do not split over 2 processes
@@ -101,3 +112,23 @@ def test_states_from_before_rows_were_recorded_still_load():
     loader = _loaders(1, 4)[0]
     loader.load_state_dict({"epoch": 0, "batches": 2})
     assert _read(loader, batches=1) == [8, 9, 10, 11]
+
+
+def test_any_epoch_collates_however_many_documents_its_rows_pack_and_padding_rows_have_no_labels():
+    """Epoch 0 packs 2 documents per row; epoch 1's (other tasks drawn, say) 16 short ones: the padded
+    ``doc_lens`` still fits (it once was sized by epoch 0 and stopped the run in epoch 1)."""
+    import numpy as np
+
+    from chameleon_lite.data.packed_dataset import PackedDataset
+    from chameleon_lite.data.sequences import IGNORE_INDEX, Document
+
+    def documents(epoch: int) -> list[Document]:
+        length, count = (32, 8) if epoch == 0 else (4, 64)
+        return [Document(np.arange(length, dtype=np.int64) + 1, np.ones(length, dtype=bool)) for _ in range(count)]
+
+    dataset = PackedDataset(documents, seq_len=64, pad_id=0)
+    batch = torch.utils.data.default_collate([dataset[(1, row)] for row in range(len(dataset))])
+    assert batch["doc_lens"].shape[1] == 64 and (batch["doc_lens"] > 0).sum(1).max() == 16
+    assert (batch["doc_lens"].sum(1) == 64).all()
+    padding = dataset[(0, -1)]
+    assert (padding["labels"] == IGNORE_INDEX).all() and (dataset[(0, 0)]["labels"] != IGNORE_INDEX).any()
