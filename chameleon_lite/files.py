@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; concurrent builders each write a complete file (atomic)
+    fcntl = None
+
+log = logging.getLogger(__name__)
 
 
 def _default_mode() -> int:
@@ -50,9 +58,29 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
     os.close(fd)
     try:
-        os.chmod(tmp, _default_mode())
         yield Path(tmp)
+        os.chmod(tmp, _default_mode())  # after the writer: safetensors' save_file re-creates the file as 0o600
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def build_lock(path: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive advisory lock on the file ``path`` (created if missing) for the block.
+
+    For builders of shared artifacts (token caches): the processes of a job started by torchrun or SLURM, or
+    two runs sharing a cache directory, would otherwise all build the same file at once; with the lock the
+    first builds it and the others wait, then load it. Released when the block ends or the process dies.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        if fcntl is not None:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.info("waiting for another process building %s", path.with_suffix(""))
+                fcntl.flock(f, fcntl.LOCK_EX)
+        yield

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from chameleon_lite.files import atomic_path, atomic_write_text
+from chameleon_lite.files import atomic_path, atomic_write_text, build_lock
 
 log = logging.getLogger(__name__)
 
@@ -78,35 +78,36 @@ def load_or_build_shapes_cache(cache_dir: Path, vq_dir: Path, image_tokenizer, *
         settings["relation_captions"] = True
     key = f"shapes-{split}-{cache_key(settings)}"
     codes_path, meta_path = Path(cache_dir) / f"{key}.safetensors", Path(cache_dir) / f"{key}.json"
-    if codes_path.is_file() and meta_path.is_file():
-        meta = json.loads(meta_path.read_text())
-        cached = load_file(str(codes_path))["codes"].long()
-        if (cached.ndim == 2 and len(cached) == n and cached.shape[1] == image_tokenizer.tokens_per_image
-                and int(cached.min()) >= 0 and int(cached.max()) < image_tokenizer.codebook_size):
-            return TokenCache(cached, meta["texts"], meta["meta"])
-        log.warning("token cache %s does not hold %d images of %d codes in [0, %d): re-encoding", codes_path, n,
-                    image_tokenizer.tokens_per_image, image_tokenizer.codebook_size)
+    with build_lock(Path(cache_dir) / f"{key}.lock"):  # one builder; concurrent ones wait, then load it
+        if codes_path.is_file() and meta_path.is_file():
+            meta = json.loads(meta_path.read_text())
+            cached = load_file(str(codes_path))["codes"].long()
+            if (cached.ndim == 2 and len(cached) == n and cached.shape[1] == image_tokenizer.tokens_per_image
+                    and int(cached.min()) >= 0 and int(cached.max()) < image_tokenizer.codebook_size):
+                return TokenCache(cached, meta["texts"], meta["meta"])
+            log.warning("token cache %s does not hold %d images of %d codes in [0, %d): re-encoding", codes_path, n,
+                        image_tokenizer.tokens_per_image, image_tokenizer.codebook_size)
 
-    world = ShapesWorld(seed=seed, image_size=image_size, split=split, length=n,
-                        holdout_pairs=tuple(tuple(p) for p in holdout_pairs), category_weights=category_weights,
-                        layout=layout, val_holdout_pairs=tuple(tuple(p) for p in val_holdout_pairs))
-    codes, texts, metas = [], [], []
-    code_dtype = torch.int16 if image_tokenizer.codebook_size <= 2 ** 15 else torch.int32  # int16 would wrap
-    for start in tqdm(range(0, n, batch_size), desc=f"VQ-encoding shapes {split} ({n} images)", unit="batch"):
-        samples = [world[i] for i in range(start, min(n, start + batch_size))]
-        with torch.inference_mode():
-            batch_codes = image_tokenizer.encode(torch.stack([s.image for s in samples]))
-        codes.append(batch_codes.reshape(len(samples), -1).to(code_dtype))
-        texts.extend(s.caption for s in samples)
-        metas.extend({"category": s.category, "heldout": bool(s.heldout), "index": start + k}
-                     for k, s in enumerate(samples))
-        if relation_captions:
-            for k, s in enumerate(samples):
-                rng = np.random.default_rng([seed, start + k, 7])
-                metas[start + k]["relation_caption"] = relation_caption(s.spec, s.objects, rng) or s.caption
-    all_codes = torch.cat(codes)
-    with atomic_path(codes_path) as tmp:
-        save_file({"codes": all_codes}, str(tmp))
-    atomic_write_text(meta_path, json.dumps({"settings": settings, "texts": texts, "meta": metas}))
-    log.info("token cache written: %s (%d images)", codes_path, n)
-    return TokenCache(all_codes.long(), texts, metas)
+        world = ShapesWorld(seed=seed, image_size=image_size, split=split, length=n,
+                            holdout_pairs=tuple(tuple(p) for p in holdout_pairs), category_weights=category_weights,
+                            layout=layout, val_holdout_pairs=tuple(tuple(p) for p in val_holdout_pairs))
+        codes, texts, metas = [], [], []
+        code_dtype = torch.int16 if image_tokenizer.codebook_size <= 2 ** 15 else torch.int32  # int16 would wrap
+        for start in tqdm(range(0, n, batch_size), desc=f"VQ-encoding shapes {split} ({n} images)", unit="batch"):
+            samples = [world[i] for i in range(start, min(n, start + batch_size))]
+            with torch.inference_mode():
+                batch_codes = image_tokenizer.encode(torch.stack([s.image for s in samples]))
+            codes.append(batch_codes.reshape(len(samples), -1).to(code_dtype))
+            texts.extend(s.caption for s in samples)
+            metas.extend({"category": s.category, "heldout": bool(s.heldout), "index": start + k}
+                         for k, s in enumerate(samples))
+            if relation_captions:
+                for k, s in enumerate(samples):
+                    rng = np.random.default_rng([seed, start + k, 7])
+                    metas[start + k]["relation_caption"] = relation_caption(s.spec, s.objects, rng) or s.caption
+        all_codes = torch.cat(codes)
+        with atomic_path(codes_path) as tmp:
+            save_file({"codes": all_codes}, str(tmp))
+        atomic_write_text(meta_path, json.dumps({"settings": settings, "texts": texts, "meta": metas}))
+        log.info("token cache written: %s (%d images)", codes_path, n)
+        return TokenCache(all_codes.long(), texts, metas)
