@@ -42,11 +42,35 @@ def lr_lambda(step: int, warmup: int, total: int, schedule: str, min_ratio: floa
 
 def _sum_over_processes(counts: Counter) -> Counter:
     """The counts of every process added up (a collective: every process must call it)."""
+    return sum((Counter(c) for c in _gather_from_processes(dict(counts))), Counter())
+
+
+def _gather_from_processes(value: Any) -> list[Any]:
+    """``value`` of every process, in rank order (a collective: every process must call it)."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return Counter(counts)
+        return [value]
     gathered: list = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(gathered, dict(counts))
-    return sum((Counter(c) for c in gathered), Counter())
+    torch.distributed.all_gather_object(gathered, value)
+    return gathered
+
+
+def _rng_states() -> dict[str, Any]:
+    states = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state()
+    return states
+
+
+def _set_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])
+
+
+def _seed_process(rank: int) -> None:
+    """Move this process to a stream of its own, derived from the current one and its rank."""
+    seed = int(torch.randint(2 ** 62, (1,)))  # the same draw on every process (same stream so far)
+    torch.manual_seed(seed + rank)  # (also seeds CUDA)
 
 
 def trainer_settings(trainer: L.Trainer) -> dict[str, Any]:
@@ -273,11 +297,28 @@ class ChameleonLightningModule(L.LightningModule):
         checkpoint["trainer_settings"] = trainer_settings(self.trainer)  # (checked on resume: `cli.train`)
         if self.tokenizer_dir is not None:
             checkpoint["tokenizer_dir"] = str(self.tokenizer_dir)
-        checkpoint["rng"] = {"torch": torch.get_rng_state()}
+        checkpoint["rng"] = {"torch": torch.get_rng_state(), "per_process": _gather_from_processes(_rng_states())}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "vocab" in checkpoint:
             UnifiedVocab.from_dict(checkpoint["vocab"], "checkpoint").check_compatible(
                 self.vocab, "the checkpoint", "the configured tokenizers")
-        if "rng" in checkpoint:
-            torch.set_rng_state(checkpoint["rng"]["torch"])
+        rng = checkpoint.get("rng")
+        if rng is None:
+            return
+        trainer = self._trainer  # (None when a checkpoint is loaded outside a fit)
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        per_process = rng.get("per_process") or []
+        if len(per_process) == world:
+            _set_rng_states(per_process[rank])
+        else:  # another number of processes (or a checkpoint from before per-process states): rank 0's stream
+            torch.set_rng_state(rng["torch"])
+            if world > 1:
+                _seed_process(rank)
+        self._rng_restored = True
+
+    def on_fit_start(self) -> None:
+        """Each process its own random stream (dropout): `seed_everything` gave every process the same one,
+        so the rows of one global batch drew the same masks on every process. A resume restores the streams."""
+        if self.trainer.world_size > 1 and not getattr(self, "_rng_restored", False):
+            _seed_process(self.trainer.global_rank)

@@ -44,15 +44,21 @@ def build_loggers(cfg: DictConfig) -> list[Any]:
     return [instantiate(c) for c in loggers if c is not None]
 
 
-def build_strategy(strategy: Any) -> Any:
-    """``fsdp`` becomes an FSDPStrategy that wraps and activation-checkpoints each decoder block."""
+def build_strategy(strategy: Any, model_checkpoints: bool = False) -> Any:
+    """``fsdp`` becomes an FSDPStrategy that wraps and activation-checkpoints each decoder block, and writes its
+    (full, rank-0) checkpoints through `AtomicCheckpointIO` like every other strategy. With
+    ``model_checkpoints`` (``model.grad_checkpointing=true``) the model already checkpoints each block, and
+    FSDP's own checkpoint wrapper would recompute every block's forward a second time: it is left out."""
     if strategy == "fsdp":
         from lightning.pytorch.strategies import FSDPStrategy
 
         from chameleon_lite.model.transformer import Block
 
-        return FSDPStrategy(auto_wrap_policy={Block}, activation_checkpointing_policy={Block},
-                            sharding_strategy="FULL_SHARD")
+        if model_checkpoints:
+            log.info("trainer=fsdp with model.grad_checkpointing=true: the blocks are checkpointed by the model, "
+                     "not also by FSDP")
+        return FSDPStrategy(auto_wrap_policy={Block}, activation_checkpointing_policy=None if model_checkpoints
+                            else {Block}, sharding_strategy="FULL_SHARD", checkpoint_io=AtomicCheckpointIO())
     return strategy
 
 
@@ -94,8 +100,8 @@ def build_trainer(cfg: DictConfig, **overrides: Any) -> L.Trainer:
         raise ConfigError(f"trainer.accumulate_grad_batches={accumulate!r} is invalid: expected an int >= 1 "
                           "(micro-batches per optimizer step)")
     strategy = trainer_cfg.get("strategy", "auto")
-    trainer_cfg["strategy"] = build_strategy(strategy)
-    if strategy != "fsdp":  # FSDP writes sharded checkpoints through its own IO
+    trainer_cfg["strategy"] = build_strategy(strategy, bool(OmegaConf.select(cfg, "model.grad_checkpointing")))
+    if strategy != "fsdp":  # (FSDP's strategy object carries it)
         trainer_cfg.setdefault("plugins", []).append(AtomicCheckpointIO())
     trainer_cfg.update(overrides)
     try:

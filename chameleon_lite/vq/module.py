@@ -19,6 +19,7 @@ from typing import Any
 import lightning as L
 import torch
 from torch import Tensor
+from torchmetrics.aggregation import MeanMetric
 from torchvision.utils import make_grid, save_image
 
 from chameleon_lite.eval.vq_metrics import psnr
@@ -55,6 +56,9 @@ class VQModule(L.LightningModule):
         self.loss = VQLoss(self.loss_config)
         self.train_usage = CodebookUsage(self.config.codebook_size, window=usage_window)
         self.val_usage = CodebookUsage(self.config.codebook_size)
+        # per-image means over every process, synced once at the epoch's end (a process whose batches were all
+        # empty still joins the same collectives)
+        self.val_psnr, self.val_mse = MeanMetric(), MeanMetric()
         self.skipped_this_epoch = 0
 
     def tokenizer(self, name: str | None = None) -> ImageTokenizer:
@@ -102,10 +106,8 @@ class VQModule(L.LightningModule):
         recon, quant = self.model(x)
         original, decoded = (x + 1) / 2, ((recon.float() + 1) / 2).clamp(0, 1)
         self.val_usage.update(quant.indices)
-        batch_size = x.shape[0]
-        self.log("val/psnr", psnr(original, decoded).mean(), prog_bar=True, batch_size=batch_size,
-                 sync_dist=True)
-        self.log("val/mse", (original - decoded).pow(2).mean(), batch_size=batch_size, sync_dist=True)
+        self.val_psnr.update(psnr(original, decoded))
+        self.val_mse.update((original - decoded).pow(2).flatten(1).mean(1))
         if batch_idx == 0 and self.trainer.is_global_zero and not self.trainer.sanity_checking:
             self._save_grid(original, decoded)
 
@@ -114,6 +116,9 @@ class VQModule(L.LightningModule):
         if counts.ndim == 2:
             counts = counts.sum(0)
         self.val_usage.counts = counts.cpu()
+        for name, metric in (("psnr", self.val_psnr), ("mse", self.val_mse)):
+            self.log(f"val/{name}", metric.compute(), prog_bar=name == "psnr")
+            metric.reset()
         self.log("val/usage", self.val_usage.usage(), prog_bar=True)
         self.log("val/perplexity", self.val_usage.perplexity())
 

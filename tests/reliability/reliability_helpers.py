@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import os
 import subprocess
 import sys
@@ -137,3 +138,15 @@ class StallAfterStep(L.Callback):
         if trainer.global_step == self.step:
             self.marker.touch()
             time.sleep(3600)
+
+
+class RecordRngState(L.Callback):
+    """Test-only: append ``rank step digest`` of the torch RNG state before each training batch to ``path``."""
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        digest = hashlib.sha256(torch.get_rng_state().numpy().tobytes()).hexdigest()[:16]
+        with open(self.path, "a") as f:
+            f.write(f"{trainer.global_rank} {trainer.global_step} {digest}\n")

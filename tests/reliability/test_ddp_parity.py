@@ -74,3 +74,32 @@ def test_gradient_accumulation_matches_one_batch_of_the_same_rows(tmp_path, tmp_
     acc = _weights_after(tmp_path / "acc", basetemp, "data.batch_tokens=256", "trainer.accumulate_grad_batches=2")
     worst = max((one[name] - acc[name]).abs().max().item() for name in one)
     assert worst <= 1e-5, f"max |batch 4 - 2 x 2 accumulated| = {worst:.3g}"
+
+
+def _rng_digests(path) -> dict[tuple[int, int], str]:
+    """``{(rank, step): digest}`` from `RecordRngState`'s file (a step recorded twice keeps its last)."""
+    return {(int(rank), int(step)): digest for rank, step, digest in
+            (line.split() for line in path.read_text().splitlines())}
+
+
+@pytest.mark.slow
+def test_ddp_processes_draw_their_own_dropout_and_a_resume_restores_each(tmp_path, tmp_path_factory):
+    """`seed_everything` gives every process the same stream: without a stream per process the rows of one
+    global batch drew the same dropout masks on both. A resume restores each process's stream from the
+    checkpoint (it once got rank 0's on both), so the resumed steps draw what the uninterrupted run drew."""
+    basetemp = tmp_path_factory.getbasetemp()
+    common = ["trainer=ddp_cpu", "trainer.devices=2", "data.batch_size=2", "model.resid_dropout=0.1",
+              "callbacks.checkpoint.every_n_train_steps=2", "+callbacks.rng._target_=reliability_helpers.RecordRngState"]
+
+    def run(name, steps, *extra):
+        proc = run_cli(train_overrides(basetemp, None, *common, f"trainer.max_steps={steps}",
+                                       f"+callbacks.rng.path={tmp_path / name}.rng", f"hydra.run.dir={tmp_path / name}",
+                                       *extra))
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        return _rng_digests(tmp_path / f"{name}.rng")
+
+    whole = run("whole", 4)
+    assert all(whole[(0, step)] != whole[(1, step)] for step in range(4))
+    run("parted", 2)
+    resumed = run("parted", 4, "ckpt_path=last")
+    assert {key: resumed[key] for key in whole if key[1] >= 2} == {key: whole[key] for key in whole if key[1] >= 2}

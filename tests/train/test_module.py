@@ -92,3 +92,15 @@ def test_streamed_skip_counts_are_added_up_over_processes(tmp_path):
     for rank in range(2):
         total = json.loads((tmp_path / f"{rank}.json").read_text())
         assert total == {"bad image": 3, "only on rank 0": 1, "only on rank 1": 1}
+
+
+@pytest.mark.parametrize("model_checkpoints", [False, True])
+def test_fsdp_strategy_writes_atomically_and_checkpoints_each_block_once(model_checkpoints):
+    """FSDP's full checkpoints are written by rank 0 through the strategy's checkpoint IO (it had the default,
+    non-atomic one); with the model's own gradient checkpointing FSDP adds no second checkpoint wrapper."""
+    from chameleon_lite.train.checkpoint_io import AtomicCheckpointIO
+    from chameleon_lite.train.trainer import build_strategy
+
+    strategy = build_strategy("fsdp", model_checkpoints)
+    assert isinstance(strategy, FSDPStrategy) and isinstance(strategy.checkpoint_io, AtomicCheckpointIO)
+    assert bool(strategy._activation_checkpointing_kwargs) is not model_checkpoints
