@@ -3,8 +3,9 @@
 ``prepare_data`` (rank 0 only, Lightning's contract) VQ-encodes images into the token cache;
 ``setup`` loads the tokenizers and caches and builds the packed datasets. ``data=webdataset``
 caches nothing: its loaders stream, encode and pack tar shards as they go (``webdataset.py``).
-Records that cannot be used are counted with their reason in ``self.skipped`` (reported by the
-training module at the end of every epoch); with ``data.strict=true`` the first one raises instead.
+Records that cannot be used are counted with their reason in ``self.skipped`` (validation records in
+``self.val_skipped``; both reported by the training module at the end of every epoch); with
+``data.strict=true`` the first one raises instead.
 """
 
 from __future__ import annotations
@@ -144,7 +145,9 @@ class ChameleonDataModule(L.LightningDataModule):
         #: streamed shards (``source=webdataset``) are counted by each process for its own shards (the module
         #: sums them over processes); the other sources load all records in every process
         self.skipped_per_process = data.source == "webdataset"
-        self.val_skipped: Counter[str] = Counter()  # streamed validation rows, each batch's counted once
+        #: validation records left out of every validation pass: a data.val_path file's skips, or streamed
+        #: validation rows' (each batch's counted once)
+        self.val_skipped: Counter[str] = Counter()
         self.val_split_over_processes = False  # whether each process validates on its own val shards
         self.tokenizer: MultimodalTokenizer | None = None
         self.train_set: PackedDataset | None = None
@@ -281,6 +284,6 @@ class ChameleonDataModule(L.LightningDataModule):
                                                category_weights=shapes_category_weights(cfg), **common),
                     load_or_build_shapes_cache(split="val", n=cfg.n_val, **common))
         train = load_or_build_jsonl_cache(cfg, cfg.train_path, tok, self.tokenizer_dir, self.skipped)
-        val = (load_or_build_jsonl_cache(cfg, cfg.val_path, tok, self.tokenizer_dir, self.skipped)
+        val = (load_or_build_jsonl_cache(cfg, cfg.val_path, tok, self.tokenizer_dir, self.val_skipped)
                if cfg.val_path else train)
         return train, val

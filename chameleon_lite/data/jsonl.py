@@ -14,9 +14,13 @@ Images are VQ-encoded once. Their codes live in a content-addressed store in ``d
 one file per image tokenizer (keyed by the digests of ``vq.safetensors`` and ``vq.yaml``) holding
 one row per distinct image *file content*: editing the JSONL, adding or renaming files encodes
 only contents the store has not seen, and a retrained VQ starts a new store. The store is a single
-safetensors file (codes + the content digests in its metadata) replaced atomically, so a crash or
-two processes building it at once never leave codes and index out of step. Unreadable images are
-not stored: they are checked (and reported) again on every start, so a fixed file is picked up.
+safetensors file (codes + the content digests and image sizes in its metadata) replaced atomically,
+so a crash never leaves codes and index out of step; its builders take turns (``build_lock``), so a
+second process (a torchrun rank, a run sharing ``data.cache_dir``) waits, then finds the codes.
+``data.max_pixels`` and ``data.min_side`` apply at every start, to stored images too (through their
+stored sizes; a store written before sizes were stored learns them from the files' headers).
+Unreadable images are not stored: they are checked (and reported) again on every start, so a fixed
+file is picked up.
 
 Bad records never stop a run by default: each is counted under its reason in the ``skipped``
 Counter handed in by the data module (which reports it at every epoch end) and logged with its
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,6 +42,7 @@ from typing import TypeVar
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
+from PIL import Image
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
@@ -45,9 +51,9 @@ from tqdm.auto import tqdm
 from chameleon_lite.config import ConfigError, resolve_path
 from chameleon_lite.data.sequences import Document, ImageSegment, SequenceBuilder, TextSegment
 from chameleon_lite.data.token_cache import cache_key, file_digest
-from chameleon_lite.files import atomic_path
+from chameleon_lite.files import atomic_path, build_lock
 from chameleon_lite.multimodal_tokenizer import MultimodalTokenizer
-from chameleon_lite.vq.image_io import ImageLoadError, load_image
+from chameleon_lite.vq.image_io import ImageLoadError, check_image_size, load_image
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +155,16 @@ class SkipReport:
 
 
 @dataclass
+class _CodeStore:
+    """The image-code store: row i holds the codes of the image whose content digest is ``digests[i]`` and its
+    ``sizes[i]`` (width, height), None in a store written before sizes were stored."""
+
+    digests: list[str]
+    sizes: list[tuple[int, int] | None]
+    codes: Tensor  # (n, tokens_per_image) int32
+
+
+@dataclass
 class _Pending:
     """A parsed record whose images (resolved paths) are not encoded yet."""
 
@@ -186,16 +202,19 @@ def load_or_build_jsonl_cache(cfg: DictConfig, path: str | Path, tok: Multimodal
     before = sum(skipped.values())
     pending = [p for p in (_parse_line(source, number, raw, report)
                            for number, raw in enumerate(source.read_bytes().splitlines(), start=1)) if p]
-    store_path = _store_path(Path(cfg.cache_dir), Path(tokenizer_dir))
-    digests, codes = _read_store(store_path, tok)
     _hash_images(pending, report)
-    new_digests, new_codes = _encode_missing(pending, set(digests), tok, cfg, report)
-    if new_digests:
-        digests, codes = digests + new_digests, torch.cat([codes, new_codes])
-        _write_store(store_path, digests, codes)
-        log.info("image-code store %s: encoded %d new images (%d in total)", store_path, len(new_digests),
-                 len(digests))
-    cache = _assemble(pending, dict(zip(digests, range(len(digests)))), codes, tok, cfg, report)
+    store_path = _store_path(Path(cfg.cache_dir), Path(tokenizer_dir))
+    # one builder at a time: another process building the same store (a torchrun rank, a run sharing
+    # data.cache_dir) holds the lock while it encodes; this one then reads what it wrote
+    with build_lock(store_path.with_suffix(".lock")):
+        store = _read_store(store_path, tok)
+        n_stored = len(store.digests)
+        if _check_and_encode(pending, store, tok, cfg, report):
+            _write_store(store_path, store)
+            if len(store.digests) > n_stored:  # (else it only learnt the sizes of images stored without them)
+                log.info("image-code store %s: encoded %d new images (%d in total)", store_path,
+                         len(store.digests) - n_stored, len(store.digests))
+    cache = _assemble(pending, dict(zip(store.digests, range(len(store.digests)))), store.codes, tok, cfg, report)
     n_skipped = sum(skipped.values()) - before
     if not cache.records:
         raise ValueError(f"{source}: no usable records ({n_skipped} skipped: "
@@ -209,7 +228,7 @@ def _parse_line(source: Path, number: int, raw: bytes, report: SkipReport) -> _P
     """One line -> a pending record, or None (blank line, or a bad record that ``report`` counted)."""
     where = f"{source}:{number}"
     try:
-        line = raw.decode("utf-8")
+        line = raw.decode("utf-8-sig" if number == 1 else "utf-8")  # a byte order mark starts a file, no record
     except UnicodeDecodeError as err:
         report(where, REASON_NOT_UTF8, f"line is not valid UTF-8 ({err.reason} at byte {err.start})",
                "re-encode the file as UTF-8")
@@ -309,36 +328,65 @@ def _hash_images(pending: list[_Pending], report: SkipReport) -> None:
     pending[:] = keep
 
 
-def _encode_missing(pending: list[_Pending], known: set[str], tok: MultimodalTokenizer, cfg: DictConfig,
-                    report: SkipReport) -> tuple[list[str], Tensor]:
-    """Load + VQ-encode every image content not in ``known``, ``ENCODE_BATCH`` files at a time.
+def _check_and_encode(pending: list[_Pending], store: _CodeStore, tok: MultimodalTokenizer, cfg: DictConfig,
+                      report: SkipReport) -> bool:
+    """Apply ``data.max_pixels`` / ``data.min_side`` to every image the records use, and load + VQ-encode those
+    the store lacks into it, ``ENCODE_BATCH`` files at a time.
 
-    Returns the new (digests, int32 codes); records with an unloadable image are dropped (reported).
+    A stored image is checked against its stored size (read from the file's header where the store has
+    none), so a store filled under other limits lets nothing past these. Records with an image that fails
+    are dropped (reported, under the reason a fresh image gets). Returns whether ``store`` changed.
     """
+    row_of = {digest: row for row, digest in enumerate(store.digests)}
     todo: dict[str, tuple[Path, str]] = {}  # digest -> (path, file:line) of its first use
     for record in pending:
         paths = [value for kind, value in record.parts if kind == "image"]
         for digest, image_path in zip(record.digests, paths):
-            if digest not in known:
-                todo.setdefault(digest, (image_path, record.where))
-    items = list(todo.items())
+            todo.setdefault(digest, (image_path, record.where))
     fix = "or drop the record from the JSONL file"
     failed: dict[str, tuple[str, str]] = {}  # digest -> (reason, message)
-    digests, codes = [], []
-    for start in tqdm(range(0, len(items), ENCODE_BATCH), desc=f"VQ-encoding {len(items)} images", unit="batch",
-                      disable=not items):
+
+    def fail(digest: str, where: str, err: ImageLoadError) -> None:
+        failed[digest] = (image_reason(str(err)), str(err))
+        if report.strict:
+            report(where, *failed[digest], fix)  # raises now rather than after encoding the rest
+
+    changed = False
+    to_load = []
+    for digest, (image_path, where) in todo.items():
+        row = row_of.get(digest)
+        if row is not None and store.sizes[row] is None:
+            store.sizes[row] = _header_size(image_path)
+            changed |= store.sizes[row] is not None
+        if row is None or store.sizes[row] is None:
+            to_load.append((digest, image_path, where))
+            continue
+        try:
+            check_image_size(*store.sizes[row], str(image_path), max_pixels=cfg.max_pixels, min_side=cfg.min_side)
+        except ImageLoadError as err:
+            fail(digest, where, err)
+    new_codes = [store.codes]
+    for start in tqdm(range(0, len(to_load), ENCODE_BATCH), desc=f"VQ-encoding {len(to_load)} images",
+                      unit="batch", disable=not to_load):
         loaded = []
-        for digest, (image_path, where) in items[start:start + ENCODE_BATCH]:
+        for digest, image_path, where in to_load[start:start + ENCODE_BATCH]:
             try:
-                loaded.append((digest, load_image(image_path, max_pixels=cfg.max_pixels, min_side=cfg.min_side)))
+                image = load_image(image_path, max_pixels=cfg.max_pixels, min_side=cfg.min_side)
             except ImageLoadError as err:
-                failed[digest] = (image_reason(str(err)), str(err))
-                if report.strict:
-                    report(where, *failed[digest], fix)  # raises now rather than after encoding the rest
+                fail(digest, where, err)
+                continue
+            # the size after EXIF rotation: the limits (pixel count, short side) do not change with it
+            if digest in row_of:  # stored, its header unreadable by itself
+                store.sizes[row_of[digest]] = image.size
+            else:
+                loaded.append((digest, image))
+            changed = True
         if loaded:
             with torch.inference_mode():
-                codes.append(tok.encode_images([image for _, image in loaded]).to(torch.int32))
-            digests.extend(d for d, _ in loaded)
+                new_codes.append(tok.encode_images([image for _, image in loaded]).to(torch.int32))
+            store.digests.extend(digest for digest, _ in loaded)
+            store.sizes.extend(image.size for _, image in loaded)
+    store.codes = torch.cat(new_codes)
     keep = []
     for record in pending:
         bad = next((failed[d] for d in record.digests if d in failed), None)
@@ -347,7 +395,18 @@ def _encode_missing(pending: list[_Pending], known: set[str], tok: MultimodalTok
         else:
             report(record.where, *bad, fix)
     pending[:] = keep
-    return digests, torch.cat(codes) if codes else torch.empty(0, tok.tokens_per_image, dtype=torch.int32)
+    return changed
+
+
+def _header_size(path: Path) -> tuple[int, int] | None:
+    """An image file's (width, height) from its header (no pixel decoded); None if the header is unreadable."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                return image.size
+    except (OSError, Image.DecompressionBombError):  # (UnidentifiedImageError is an OSError)
+        return None
 
 
 def image_reason(message: str) -> str:
@@ -362,32 +421,40 @@ def _store_path(cache_dir: Path, tokenizer_dir: Path) -> Path:
     return cache_dir / f"jsonl-images-{cache_key(settings)}.safetensors"
 
 
-def _read_store(path: Path, tok: MultimodalTokenizer) -> tuple[list[str], Tensor]:
-    """The store's (digests, int32 codes (n, tokens_per_image)); empty if it does not exist yet."""
+def _read_store(path: Path, tok: MultimodalTokenizer) -> _CodeStore:
+    """The store at ``path``; empty if it does not exist yet."""
     tpi = tok.tokens_per_image
     if not path.is_file():
-        return [], torch.empty(0, tpi, dtype=torch.int32)
+        return _CodeStore([], [], torch.empty(0, tpi, dtype=torch.int32))
     fix = "delete the file to rebuild it"
     try:
         with safe_open(str(path), framework="pt") as f:
-            digests = json.loads((f.metadata() or {}).get("digests", "null"))
+            metadata = f.metadata() or {}
+            digests = json.loads(metadata.get("digests", "null"))
+            sizes = json.loads(metadata.get("sizes", "null"))  # null: written before sizes were stored
             codes = f.get_tensor("codes")
     except (SafetensorError, OSError, json.JSONDecodeError) as err:
         raise JsonlCacheError(f"{path}: unreadable image-code store ({err}); {fix}") from None
     if not isinstance(digests, list) or codes.ndim != 2 or len(digests) != codes.shape[0]:
         raise JsonlCacheError(f"{path}: image-code store index and codes disagree; {fix}")
+    sizes = [None] * len(digests) if sizes is None else sizes
+    if not isinstance(sizes, list) or len(sizes) != len(digests) or not all(
+            size is None or (isinstance(size, list) and len(size) == 2 and all(isinstance(n, int) for n in size))
+            for size in sizes):
+        raise JsonlCacheError(f"{path}: image-code store sizes do not match its index; {fix}")
     if codes.shape[1] != tpi:
         raise JsonlCacheError(f"{path}: stored images have {codes.shape[1]} codes but the image tokenizer makes "
                               f"{tpi}; {fix}")
     if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= tok.vocab.n_image):
         raise JsonlCacheError(f"{path}: stored codes span [{int(codes.min())}, {int(codes.max())}], outside the "
                               f"codebook [0, {tok.vocab.n_image}) of the configured tokenizers; {fix}")
-    return digests, codes
+    return _CodeStore(digests, [None if size is None else tuple(size) for size in sizes], codes)
 
 
-def _write_store(path: Path, digests: list[str], codes: Tensor) -> None:
+def _write_store(path: Path, store: _CodeStore) -> None:
     with atomic_path(path) as tmp:
-        save_file({"codes": codes.contiguous()}, str(tmp), metadata={"digests": json.dumps(digests)})
+        save_file({"codes": store.codes.contiguous()}, str(tmp),
+                  metadata={"digests": json.dumps(store.digests), "sizes": json.dumps(store.sizes)})
 
 
 # ---------------------------------------------------------------------------------------- records

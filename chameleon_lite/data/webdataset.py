@@ -29,7 +29,9 @@ run (for the same number of processes and workers).
 
 *Bad samples* are counted by reason each time a stream meets them and logged with ``shard:key``
 (jsonl.py's :class:`SkipReport`); the counts travel with the batches from the workers to
-``ChameleonDataModule.skipped``. ``data.strict=true`` raises :class:`ShardSampleError` instead.
+``ChameleonDataModule.skipped``. ``data.strict=true`` raises :class:`ShardSampleError` instead. An unreadable
+shard is such a skip too: a stream whose shards give nothing reads other shards (``ShardStream._rows``); it
+raises, naming the shards, only when none of the shards it can read gives a usable sample.
 """
 
 from __future__ import annotations
@@ -246,11 +248,20 @@ class ShardStream(IterableDataset):
 
     # ------------------------------------------------------------------ one stream
     def _rows(self, slot: int, n_slots: int, skip: int, report: SkipReport) -> Iterator[PackedRow]:
-        """Endless packed rows of stream ``slot``, pass after pass, the first ``skip`` rows left out."""
+        """Endless packed rows of stream ``slot``, pass after pass, the first ``skip`` rows left out.
+
+        A pass that gives no row (its shards unreadable, or all their samples bad) is counted, not fatal:
+        the next pass draws other shards, and a ``data.resample=false`` stream whose whole share gave nothing
+        goes on with the other streams' shards (repeating their samples this epoch). Raises only when every
+        shard the stream can read has been read since its last row without giving one.
+        """
         replay = _Replay(skip)
+        barren: set[str] = set()  # shards read since this stream's last row, none giving one
+        no_loss_since_row = 0
+        borrowing = False
         for pass_index in count():
             rng = np.random.default_rng([self.seed, self.epoch, slot, pass_index])
-            shards = self._pass_shards(rng, slot, n_slots)
+            shards = self._pass_shards(rng, slot, n_slots, borrowing)
             stats, no_loss = PackingStats(), 0
             for row in pack_documents(self._documents(shards, rng, report, replay), self.seq_len,
                                       self.tok.vocab.pad_id, self.overflow, self.lookahead, stats):
@@ -261,17 +272,34 @@ class ShardStream(IterableDataset):
                     replay.row_skipped()
                 else:
                     yield row
-            if not stats.rows:
-                why = (f"{stats.no_loss_documents} documents without a loss token (data.loss_on={self.builder.loss_on})"
-                       if stats.no_loss_documents else "the skipped-sample warnings")
-                raise ValueError(f"data.{self.key}: a whole pass over {len(shards)} shards ({shards[0]}, ...) gave no "
-                                 f"usable sample (see {why}); fix or replace the shards")
+            if stats.rows:
+                barren.clear()
+                no_loss_since_row = 0
+                continue
+            barren.update(shards)
+            no_loss_since_row += stats.no_loss_documents
+            if barren.issuperset(self.urls):
+                raise ValueError(self._no_progress_message(barren, no_loss_since_row))
+            if not self.resample and not borrowing:
+                borrowing = True
+                log.warning("data.%s: stream %d of %d got no usable sample from its shards (%s); it reads the other "
+                            "streams' shards for the rest of the epoch, repeating their samples", self.key, slot,
+                            n_slots, _some(sorted(shards)))
 
-    def _pass_shards(self, rng: np.random.Generator, slot: int, n_slots: int) -> list[str]:
+    def _no_progress_message(self, shards: set[str], no_loss: int) -> str:
+        why = (f"{no_loss} documents without a loss token (data.loss_on={self.builder.loss_on})" if no_loss
+               else "the skipped-sample warnings")
+        return (f"data.{self.key}: none of the {len(shards)} shards this stream reads ({_some(sorted(shards))}) gave "
+                f"a usable sample (see {why}); fix or replace the shards")
+
+    def _pass_shards(self, rng: np.random.Generator, slot: int, n_slots: int, borrowing: bool = False) -> list[str]:
+        """The shards of one pass: drawn with replacement (``resample``), else the slot's share of the epoch's
+        permutation, or, ``borrowing``, the other slots' shares; in a fresh order every pass."""
         if self.resample:
             return [self.urls[i] for i in rng.integers(len(self.urls), size=max(1, len(self.urls) // n_slots))]
         epoch_order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.urls))
-        return [self.urls[i] for i in rng.permutation(epoch_order[slot::n_slots])]
+        share = np.delete(epoch_order, np.s_[slot::n_slots]) if borrowing else epoch_order[slot::n_slots]
+        return [self.urls[i] for i in rng.permutation(share)]
 
     def _documents(self, shards: list[str], rng: np.random.Generator, report: SkipReport,
                    replay: _Replay) -> Iterator[Document]:
@@ -375,6 +403,12 @@ class ShardStream(IterableDataset):
             return True
 
         return handle
+
+
+def _some(names: list[str], n: int = 3) -> str:
+    """The first ``n`` of ``names`` and how many more, for messages."""
+    more = f", and {len(names) - n} more" if len(names) > n else ""
+    return ", ".join(names[:n]) + more
 
 
 @dataclass

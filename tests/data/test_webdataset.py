@@ -203,6 +203,42 @@ def test_unreadable_shard_is_counted(corpus, tmp_path, tok):
         list(loader(data_cfg(str(broken), "data.batch_size=1", "data.strict=true"), tok, rows=1))
 
 
+def not_a_tar(path: Path) -> Path:
+    path.write_text("not a tar\n")  # e.g. a failed download
+    return path
+
+
+def test_a_stream_whose_only_shard_is_unreadable_reads_the_others_shards(corpus, tmp_path, tok):
+    """Without resampling, 2 streams over [good, unreadable] (2 ranks here; 2 loader workers alike): the stream
+    holding the unreadable shard counts it and goes on with the other stream's shard; both yield every batch."""
+    good = corpus.pattern.replace("{000..003}", "000")
+    cfg = data_cfg(f"{good}::{not_a_tar(tmp_path / 'bad.tar')}", "data.batch_size=1")
+    skipped: Counter = Counter()
+    batches = [list(loader(cfg, tok, rows=8, rank=r, world_size=2, skipped=skipped)) for r in range(2)]
+    assert [len(b) for b in batches] == [4, 4]
+    assert skipped[source.REASON_BAD_SHARD] >= 1
+    assert {corpus.expected[d][0] for b in batches for d in documents(b, tok.vocab.bos_id)} == {0}
+
+
+def test_resampled_passes_that_draw_only_the_unreadable_shard_are_skips_not_errors(corpus, tmp_path, tok):
+    # 2 streams, 1 shard drawn per pass: about every other pass reads only bad.tar
+    good = corpus.pattern.replace("{000..003}", "000")
+    cfg = data_cfg(f"{good}::{not_a_tar(tmp_path / 'bad.tar')}", "data.batch_size=1", "data.resample=true")
+    skipped: Counter = Counter()
+    batches = list(loader(cfg, tok, rows=60, rank=0, world_size=2, skipped=skipped))
+    assert len(batches) == 30
+    assert skipped[source.REASON_BAD_SHARD] >= 5
+
+
+@pytest.mark.parametrize("resample", [False, True])
+def test_no_readable_shard_at_all_is_an_error_naming_the_shards(resample, tmp_path, tok):
+    shards = [not_a_tar(tmp_path / f"bad{i}.tar") for i in range(2)]
+    cfg = data_cfg(f"{shards[0]}::{shards[1]}", "data.batch_size=1", f"data.resample={str(resample).lower()}")
+    with pytest.raises(ValueError, match=r"data.train_shards: none of the 2 shards this stream reads \(.*bad0.tar, "
+                                         r".*bad1.tar\) gave a usable sample .*fix or replace the shards"):
+        list(loader(cfg, tok, rows=2, rank=0, world_size=2))
+
+
 def test_ranks_yield_equal_batches_from_disjoint_shards(corpus, tok):
     cfg = data_cfg(corpus.pattern)
     ranks = [loader(cfg, tok, rows=12, rank=r, world_size=2) for r in range(2)]

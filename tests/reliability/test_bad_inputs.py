@@ -355,3 +355,33 @@ def test_images_the_data_limits_allow_are_encoded_not_refused_again(tmp_path, tm
     dm = datamodule(tmp_path_factory.getbasetemp(), path, "data.min_side=4",
                     f"data.cache_dir={tmp_path / 'cache'}")
     assert not dm.skipped and dm.tokenizer.image.min_side == 4
+
+
+def test_data_limits_apply_to_images_the_code_store_already_holds(tmp_path, tmp_path_factory):
+    """A store filled under looser limits, or written before it recorded image sizes, lets no image past
+    data.min_side / data.max_pixels: the record is skipped under the same reason as with a fresh store."""
+    basetemp, cache = tmp_path_factory.getbasetemp(), f"data.cache_dir={tmp_path / 'cache'}"
+    path = write_corpus(tmp_path, [GOOD[0], pair("small.png", "a small square")])  # 40x48 and 12x12
+    Image.new("RGB", (12, 12), (30, 30, 200)).save(tmp_path / "img" / "small.png")
+    assert not datamodule(basetemp, path, cache).skipped  # both images encoded into the store
+    (store,) = (tmp_path / "cache").glob("jsonl-images-*.safetensors")
+    with safe_open(str(store), framework="pt") as f:
+        metadata, codes = f.metadata(), f.get_tensor("codes")
+    fresh = f"data.cache_dir={tmp_path / 'fresh'}"
+    for limit, reason in (("data.min_side=16", "image below data.min_side"),
+                          ("data.max_pixels=1000", "image above data.max_pixels")):
+        for stored in ({k: v for k, v in metadata.items() if k == "digests"}, metadata):  # without sizes, with
+            save_file({"codes": codes}, str(store), metadata=stored)
+            dm = datamodule(basetemp, path, cache, limit)
+            assert dm.skipped == Counter({reason: 1}) == datamodule(basetemp, path, fresh, limit).skipped
+            assert len(dm._loaded_caches[0]) == 1
+
+
+def test_validation_file_skips_are_counted_apart_from_the_training_skips(tmp_path, tmp_path_factory):
+    train_path = write_corpus(tmp_path, GOOD)
+    val_path = tmp_path / "val.jsonl"
+    malformed = next(line for case, line, _ in BAD if case == "malformed_json")
+    val_path.write_bytes(b"\n".join([GOOD[0], malformed, GOOD[1]]) + b"\n")
+    dm = datamodule(tmp_path_factory.getbasetemp(), train_path, f"data.val_path={val_path}")
+    assert dm.skipped == Counter()
+    assert dm.val_skipped == Counter({jsonl.REASON_BAD_JSON: 1})

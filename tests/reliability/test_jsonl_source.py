@@ -4,8 +4,11 @@ the JSONL's folder, and a code store keyed by image content and VQ that encodes 
 from __future__ import annotations
 
 import json
+import logging
 import shutil
+import threading
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +18,7 @@ from conftest import compose_config
 from PIL import Image
 from reliability_helpers import TINY_VQ, build_tiny_tokenizer, shared_dir, torch_threads
 
+from chameleon_lite import files
 from chameleon_lite.data.jsonl import load_or_build_jsonl_cache
 from chameleon_lite.data.sequences import ImageSegment, TextSegment
 from chameleon_lite.multimodal_tokenizer import MultimodalTokenizer
@@ -136,3 +140,47 @@ def test_each_image_content_is_encoded_once_per_vq(corpus, tokenizer_dir, tmp_pa
     load(corpus, other, other_dir, cache_dir)
     assert sum(other_calls) == 3
     assert len(list(cache_dir.glob("jsonl-images-*.safetensors"))) == 2
+
+
+def test_a_byte_order_mark_and_crlf_line_ends_cost_no_record(corpus, tokenizer_dir, tmp_path):
+    """Notepad and PowerShell's `Out-File -Encoding utf8` start the file with a UTF-8 BOM."""
+    tok = MultimodalTokenizer.from_dir(tokenizer_dir)
+    plain = load(corpus, tok, tokenizer_dir, tmp_path / "cache")
+    corpus.write_bytes(b"\xef\xbb\xbf" + corpus.read_bytes().replace(b"\n", b"\r\n"))
+    saved = load(corpus, tok, tokenizer_dir, tmp_path / "cache")  # (load asserts that nothing is skipped)
+    assert saved.records == plain.records and torch.equal(saved.codes, plain.codes)
+
+
+def test_a_second_builder_waits_for_the_first_and_reuses_its_codes(corpus, tokenizer_dir, tmp_path, caplog):
+    """Two processes building the code store at once (torchrun ranks, runs sharing data.cache_dir): the second
+    waits while the first encodes, then reads the store the first wrote and encodes nothing."""
+    first, second = MultimodalTokenizer.from_dir(tokenizer_dir), MultimodalTokenizer.from_dir(tokenizer_dir)
+    first_calls, second_calls = count_encodes(first), count_encodes(second)
+    encoding, second_waits = threading.Event(), threading.Event()
+    encode = first.encode_images
+
+    def slow_encode(images):  # the first builder is mid-encode until the second waits for it (or 10 s passed)
+        encoding.set()
+        second_waits.wait(timeout=10)
+        return encode(images)
+
+    first.encode_images = slow_encode
+
+    class WaitSignal(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.getMessage().startswith("waiting for another process"):
+                second_waits.set()
+
+    files_log = logging.getLogger(files.__name__)
+    signal = WaitSignal()
+    files_log.addHandler(signal)
+    try:
+        with caplog.at_level("INFO", logger=files.__name__), ThreadPoolExecutor(2) as pool:
+            a = pool.submit(load, corpus, first, tokenizer_dir, tmp_path / "cache")
+            assert encoding.wait(timeout=60)
+            b = pool.submit(load, corpus, second, tokenizer_dir, tmp_path / "cache")
+            a_cache, b_cache = a.result(timeout=120), b.result(timeout=120)
+    finally:
+        files_log.removeHandler(signal)
+    assert sum(first_calls) == 3 and second_calls == []
+    assert torch.equal(a_cache.codes, b_cache.codes) and a_cache.records == b_cache.records
