@@ -134,10 +134,10 @@ def train(cfg: DictConfig) -> dict:
     trainer = build_trainer(cfg)  # first: a bad trainer setting fails before any data is prepared
     resolve_batch_tokens(cfg, trainer)
     dm = ChameleonDataModule(cfg.data, tokenizer_dir=cfg.tokenizer.dir, seed=cfg.seed)
+    model_cfg = build_model_config(cfg, dm.load_tokenizer())  # before the data: a bad model.* fails before encoding
+    vocab = dm.tokenizer.vocab
     dm.prepare_data()
     dm.setup("fit")
-    vocab = dm.tokenizer.vocab
-    model_cfg = build_model_config(cfg, dm.tokenizer)
     packed = getattr(dm, "train_set", None)  # (streamed shards pack as they go: no epoch statistics)
     if model_cfg.image_pos_embed and packed is not None and packed.stats[0].split_documents:
         raise ConfigError(f"model.image_pos_embed=true counts each image code's cell from its image's start, but "

@@ -171,18 +171,18 @@ class ChameleonDataModule(L.LightningDataModule):
     # ------------------------------------------------------------------ Lightning hooks
     def prepare_data(self) -> None:
         if self.cfg.source != "webdataset":
-            self._caches(self._load_tokenizer())
+            self._caches(self.load_tokenizer())
 
     def setup(self, stage: str | None = None) -> None:
         if self.cfg.source == "webdataset":
-            self._load_tokenizer()
+            self.load_tokenizer()
             shard_urls(self.cfg.train_shards, "train_shards")  # a missing shard fails before training starts
             if self.cfg.val_shards:
                 shard_urls(self.cfg.val_shards, "val_shards")
             return
         if self.train_set is not None:
             return
-        tok = self._load_tokenizer()
+        tok = self.load_tokenizer()
         train_cache, val_cache = self._caches(tok)
         builder = tok.builder(self.cfg.loss_on)
         cfg = self.cfg
@@ -251,7 +251,7 @@ class ChameleonDataModule(L.LightningDataModule):
     def _shard_loader(self, key: str, rows_key: str, rank: int, world: int, num_workers: int,
                       epoch_of: Callable[[], int], skipped: Counter | None = None,
                       count_once: bool = False) -> ShardLoader:
-        return shard_loader(self.cfg, key, self._load_tokenizer(), task_weights(self.cfg.tasks), rows_key=rows_key,
+        return shard_loader(self.cfg, key, self.load_tokenizer(), task_weights(self.cfg.tasks), rows_key=rows_key,
                             seed=self.seed, rank=rank, world_size=world, num_workers=num_workers,
                             epoch_of=epoch_of, skipped=self.skipped if skipped is None else skipped,
                             count_once=count_once)
@@ -260,7 +260,8 @@ class ChameleonDataModule(L.LightningDataModule):
         """The epoch Lightning hands to samplers' ``set_epoch`` (a streaming loader has no sampler)."""
         return self.trainer.fit_loop.epoch_progress.current.processed if self.trainer else 0
 
-    def _load_tokenizer(self) -> MultimodalTokenizer:
+    def load_tokenizer(self) -> MultimodalTokenizer:
+        """The tokenizers of ``tokenizer_dir`` (loaded once; no data is read)."""
         if self.tokenizer is None:
             limits = {k: self.cfg[k] for k in ("max_pixels", "min_side") if self.cfg.get(k) is not None}
             self.tokenizer = MultimodalTokenizer.from_dir(self.tokenizer_dir, **limits)  # the loaders' own limits

@@ -21,7 +21,7 @@ from chameleon_lite.data.token_cache import TokenCache
 def test_canonical_target_rewrites_captioning_documents_only(tiny_train_cfg):
     cfg = tiny_train_cfg("data.n_train=64", "data.caption_target=canonical")
     dm = ChameleonDataModule(cfg.data, cfg.tokenizer.dir)
-    tok = dm._load_tokenizer()
+    tok = dm.load_tokenizer()
     cache, _ = dm._caches(tok)
     builder = tok.builder(cfg.data.loss_on)
     targets = caption_targets(cache, "canonical")
@@ -47,7 +47,7 @@ def test_an_uncond_share_of_the_pairs_trains_images_alone_under_completion(tiny_
     cfg = tiny_train_cfg("data.n_train=200", "data.loss_on=completion", "data.tasks.t2i=0.45", "data.tasks.caption=0.45",
                          "data.tasks.uncond=0.1")
     dm = ChameleonDataModule(cfg.data, cfg.tokenizer.dir)
-    tok = dm._load_tokenizer()
+    tok = dm.load_tokenizer()
     cache, _ = dm._caches(tok)
     builder = tok.builder("completion")
     docs = cache_documents(cache, builder, dict(cfg.data.tasks), seed=0, epoch=0)
@@ -64,7 +64,7 @@ def test_relation_target_says_where_two_objects_are(tiny_train_cfg):
     between the drawn objects; other captions, and the text-to-image prompts, stay as they are."""
     cfg = tiny_train_cfg("data.n_train=64", "data.n_val=16", "data.caption_target=relation")
     dm = ChameleonDataModule(cfg.data, cfg.tokenizer.dir)
-    train, val = dm._caches(dm._load_tokenizer())
+    train, val = dm._caches(dm.load_tokenizer())
     world = ShapesWorld(seed=cfg.data.seed, image_size=cfg.data.image_size, split="train", length=64,
                         holdout_pairs=tuple(tuple(p) for p in cfg.data.holdout_pairs))
     targets = caption_targets(train, "relation")
@@ -94,7 +94,7 @@ def test_the_token_cache_follows_the_world_layout(tiny_train_cfg):
     for layout in ("unambiguous", "free"):
         cfg = tiny_train_cfg("data.n_train=32", "data.n_val=8", f"data.layout={layout}")
         dm = ChameleonDataModule(cfg.data, cfg.tokenizer.dir)
-        train, _ = dm._caches(dm._load_tokenizer())
+        train, _ = dm._caches(dm.load_tokenizer())
         world = ShapesWorld(seed=cfg.data.seed, image_size=cfg.data.image_size, split="train", length=32,
                             holdout_pairs=tuple(tuple(p) for p in cfg.data.holdout_pairs), layout=layout)
         assert train.texts == [world[i].caption for i in range(32)]
@@ -125,7 +125,7 @@ def test_val_pairs_reach_the_val_cache_only(tiny_train_cfg):
     for pairs in ("[[green,circle]]", "[]"):
         cfg = tiny_train_cfg("data.n_train=200", "data.n_val=64", f"data.val_holdout_pairs={pairs}")
         dm = ChameleonDataModule(cfg.data, cfg.tokenizer.dir)
-        caches[pairs] = dm._caches(dm._load_tokenizer())
+        caches[pairs] = dm._caches(dm.load_tokenizer())
         world = ShapesWorld(seed=cfg.data.seed, image_size=cfg.data.image_size, split="val", length=64,
                             holdout_pairs=tuple(tuple(p) for p in cfg.data.holdout_pairs),
                             val_holdout_pairs=tuple(tuple(p) for p in cfg.data.val_holdout_pairs))
@@ -140,7 +140,7 @@ def test_val_pairs_reach_the_val_cache_only(tiny_train_cfg):
 def test_category_weights_shape_the_training_cache_only(tiny_train_cfg):
     cfg = tiny_train_cfg("data.n_train=96", "data.n_val=24", "data.category_weights={position: 6, counting: 0}")
     dm = ChameleonDataModule(cfg.data, cfg.tokenizer.dir)
-    train, val = dm._caches(dm._load_tokenizer())
+    train, val = dm._caches(dm.load_tokenizer())
     train_categories = Counter(m["category"] for m in train.meta)
     # named categories get their weight, unnamed ones keep 1.0, 0 drops one: 6/11 position, no counting
     assert set(train_categories) == set(CATEGORIES) - {"counting"}

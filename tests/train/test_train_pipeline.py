@@ -135,11 +135,12 @@ def test_checkpoint_vocab_mismatch_is_refused(tiny_train_cfg, tmp_path):
         train(tiny_train_cfg(f"ckpt_path={bad}", "trainer.max_steps=4"))
 
 
-def test_seq_len_longer_than_model_context_is_a_config_error(tiny_train_cfg):
-    from chameleon_lite.config import ConfigError
-
-    with pytest.raises(ConfigError, match="data.seq_len"):
-        train(tiny_train_cfg("data.seq_len=512"))
+@pytest.mark.parametrize("override, named", [("data.seq_len=512", "data.seq_len"),
+                                             ("model.vocab_size=64", "model.vocab_size")])
+def test_a_model_setting_that_cannot_train_fails_before_any_data_is_encoded(tiny_train_cfg, tmp_path, override, named):
+    with pytest.raises(ConfigError, match=named):
+        train(tiny_train_cfg(override, f"data.cache_dir={tmp_path / 'fresh_cache'}"))
+    assert not (tmp_path / "fresh_cache").exists()
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "exponential", "constant"])
