@@ -78,6 +78,18 @@ def compose_config(config_name: str, overrides: list[str] | None = None) -> Dict
 USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError, ValueError)
 
 
+def user_message(err: BaseException) -> str:
+    """The message to show for a user error. An error raised in a DataLoader worker reaches the main process as
+    "Caught ValueError in DataLoader worker process 0. Original Traceback: ... ValueError: <message>": the
+    worker's own message comes first then, with where it was raised."""
+    text = str(err)
+    marker = f"\n{type(err).__name__}: "
+    if text.startswith("Caught ") and "Original Traceback" in text and marker in text:
+        where = text.splitlines()[0].removeprefix("Caught ").rstrip(".")
+        return f"{text.rsplit(marker, 1)[1].strip()} ({where})"
+    return text
+
+
 def hydra_app(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Callable[[], None]]:
     """Turn ``task(cfg)`` into a Hydra console-script ``main``.
 
@@ -94,8 +106,9 @@ def hydra_app(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Calla
             try:
                 task(cfg)
             except USER_ERRORS as err:
-                log.error("%s", err)
-                print(f"error: {err}", file=sys.stderr)
+                message = user_message(err)
+                log.error("%s", message)
+                print(f"error: {message}", file=sys.stderr)
                 sys.exit(2)
 
         @functools.wraps(task)

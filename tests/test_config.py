@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from conftest import compose_config
 from hydra.errors import ConfigCompositionException
 from omegaconf import DictConfig, OmegaConf
@@ -91,3 +92,23 @@ def test_cli_bad_value_exits_2_naming_the_key(tmp_path):
                           check=False, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "tokenizer.vocab_size" in proc.stderr
+
+
+class _FailingRows(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, index: int):
+        raise ValueError("data.train_shards: no shard gave a usable sample;\nfix or replace the shards")
+
+
+def test_an_error_raised_in_a_dataloader_worker_is_shown_with_its_own_message():
+    from chameleon_lite.config import user_message
+
+    loader = torch.utils.data.DataLoader(_FailingRows(), num_workers=1)
+    with pytest.raises(ValueError) as caught:
+        next(iter(loader))
+    assert str(caught.value).startswith("Caught ValueError in DataLoader worker process 0")
+    assert user_message(caught.value) == ("data.train_shards: no shard gave a usable sample;\nfix or replace the "
+                                          "shards (ValueError in DataLoader worker process 0)")
+    assert user_message(ValueError("plain")) == "plain"
