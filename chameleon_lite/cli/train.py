@@ -106,6 +106,10 @@ def check_resume(ckpt_file: str, module: ChameleonLightningModule, dm: Chameleon
             log.warning("resuming %s with trainer.accumulate_grad_batches=%s (the run used %s): another global batch",
                         ckpt_file, now["accumulate_grad_batches"], saved["trainer_settings"]["accumulate_grad_batches"])
         differences += _differences(was, now, "trainer")
+    if old.get("train_rows_digest") not in (None, new.get("train_rows_digest")):
+        log.warning("resuming %s: the training data changed since the checkpoint under the same settings (a data "
+                    "file or image edited?): the epoch it continues is re-packed from the new data, so some of its "
+                    "rows may be read twice or not at all; later epochs read the new data in full", ckpt_file)
     if old.get("total_steps") not in (None, new["total_steps"]):
         log.warning("resuming %s (trained for trainer.max_steps=%s) with trainer.max_steps=%s: the LR schedule is "
                     "rebuilt over the new length", ckpt_file, old["total_steps"], new["total_steps"])

@@ -21,7 +21,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from chameleon_lite.config import ConfigError
 from chameleon_lite.data.jsonl import JsonlCache, check_jsonl_config, load_or_build_jsonl_cache
-from chameleon_lite.data.packed_dataset import PackedDataset, ResumableDataLoader, ResumableRowSampler
+from chameleon_lite.data.packed_dataset import (
+    PackedDataset,
+    ResumableDataLoader,
+    ResumableRowSampler,
+    rows_digest,
+)
 from chameleon_lite.data.packing import REASON_NO_LOSS
 from chameleon_lite.data.sequences import PAIR_TASKS, Document, SequenceBuilder
 from chameleon_lite.data.shapes import CATEGORIES, CaptionParseError, canonical_caption, parse_caption
@@ -201,6 +206,9 @@ class ChameleonDataModule(L.LightningDataModule):
 
         self.train_set = packed(train_cache, shuffle=True)
         self.val_set = packed(val_cache, shuffle=False)
+        # what epoch 0 trains, recorded in checkpoints: a resume can tell that the data changed under its settings
+        # (a JSONL file or image edited), which re-packs the epoch it continues (`cli.train.check_resume`)
+        self.hparams["train_rows_digest"] = rows_digest(self.train_set.rows(0))
         stats = self.train_set.stats[0]
         log.info("packed %d documents into %d rows of %d tokens (%.1f%% real tokens, %d split, %d rejected)",
                  stats.documents, stats.rows, cfg.seq_len, 100 * stats.real_fraction, stats.split_documents,

@@ -11,10 +11,12 @@ done here (row ``r`` goes to rank ``r % world_size``), so the trainer runs with
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from collections.abc import Callable, Iterator
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
@@ -84,6 +86,15 @@ class PackedDataset(Dataset):
         if row < 0:
             tensors["labels"] = torch.full_like(tensors["labels"], IGNORE_INDEX)
         return tensors
+
+
+def rows_digest(rows: list[PackedRow]) -> str:
+    """A digest of packed rows' tokens, labels and document boundaries (16 hex digits)."""
+    digest = hashlib.sha256()
+    for row in rows:
+        for part in (row.input_ids, row.labels, np.asarray(row.doc_lens, dtype=np.int64)):
+            digest.update(np.ascontiguousarray(part).tobytes())
+    return digest.hexdigest()[:16]
 
 
 class ResumableRowSampler(Sampler):

@@ -241,6 +241,25 @@ def test_training_on_a_bad_corpus_completes_and_reports_skips_every_epoch(corpus
     assert set(logged_series(tmp_path / "run", "data/skipped_records").values()) == {float(len(BAD))}
 
 
+def test_a_resume_after_the_training_data_changed_says_so(tmp_path, tmp_path_factory, caplog):
+    """A record added to the JSONL (after fixing the skipped ones, say) re-packs the epoch a resume continues:
+    some of its rows are read twice or never; the settings are the same, so only the rows' digest can tell."""
+    path = write_corpus(tmp_path / "corpus", GOOD)
+
+    def run(steps: int) -> None:
+        overrides = jsonl_overrides(tmp_path_factory.getbasetemp(), tmp_path / "run", path, f"trainer.max_steps={steps}",
+                                    "data.batch_size=2", *(["ckpt_path=last"] if steps > 2 else []))
+        with caplog.at_level("WARNING", logger="chameleon_lite.cli.train"):
+            train(compose_config("train", overrides))
+
+    run(2)
+    run(3)
+    assert "training data changed" not in caplog.text
+    write_corpus(tmp_path / "corpus", [*GOOD, pair("good3.png", "a green line again")])
+    run(4)
+    assert "the training data changed since the checkpoint" in caplog.text
+
+
 def test_overflow_split_keeps_the_long_document_in_chunks(tmp_path, tmp_path_factory):
     long_doc = next(line for case, line, _ in BAD if case == "longer_than_seq_len")
     dm = datamodule(tmp_path_factory.getbasetemp(), write_corpus(tmp_path, [GOOD[0], long_doc]), "data.overflow=split")
