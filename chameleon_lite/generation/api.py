@@ -4,11 +4,12 @@
     images = gen.generate_images(["a red circle left of a blue square"], n=4, cfg_scale=2.0)
     captions = gen.caption(images)
     text = gen.complete("a red")
-    segments = gen.interleaved("two green squares", max_new_tokens=200)
+    segments = gen.interleaved("two green squares")
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -21,6 +22,11 @@ from chameleon_lite.generation.quantize import apply_quantize
 from chameleon_lite.generation.sampler import Sampler, SamplingConfig
 from chameleon_lite.model import ChameleonLM
 from chameleon_lite.multimodal_tokenizer import MultimodalTokenizer
+
+log = logging.getLogger(__name__)
+
+#: Text tokens `Generator.interleaved` leaves room for beside one image when no budget is given.
+INTERLEAVED_TEXT_TOKENS = 64
 
 #: Best-of-N score for candidate images: (the prompt index of each candidate, their codes (N, h * w)) -> N
 #: scores, higher kept.
@@ -228,23 +234,44 @@ class Generator:
             scores.append(torch.where(counted.to(device), token_logp, 0.0).sum(1).cpu())
         return torch.cat(scores)
 
-    def complete(self, text: str, max_new_tokens: int = 48, temperature: float = 0.0, seed: int = 0) -> str:
+    def complete(self, text: str, max_new_tokens: int = 48, temperature: float = 0.0, seed: int = 0,
+                 top_k: int = 0, top_p: float = 1.0) -> str:
         """Text -> text continuation (no images)."""
-        cfg = SamplingConfig(max_new_tokens=max_new_tokens, text_temperature=temperature, allow_images=False,
-                             seed=seed)
+        cfg = SamplingConfig(max_new_tokens=max_new_tokens, text_temperature=temperature, text_top_k=top_k,
+                             text_top_p=top_p, allow_images=False, seed=seed)
         return self.tok.decode_text(self.sampler.generate([self.builder.text_prompt(text)], cfg)[0])
 
-    def interleaved(self, text: str, max_new_tokens: int = 256, text_temperature: float = 0.7,
-                    image_temperature: float = 1.0, cfg_scale: float | None = None, seed: int = 0) -> list[Segment]:
-        """Continue a document that may switch between text and images; returns its segments."""
-        cfg = SamplingConfig(max_new_tokens=max_new_tokens, text_temperature=text_temperature,
-                             image_temperature=image_temperature, allow_images=True, cfg_scale=cfg_scale, seed=seed)
-        out = self.sampler.generate([self.builder.text_prompt(text)], cfg)[0]
-        return self.split_segments(out)
+    def interleaved(self, text: str, max_new_tokens: int | None = None, text_temperature: float = 0.7,
+                    image_temperature: float = 1.0, cfg_scale: float | None = None, seed: int = 0,
+                    text_top_k: int = 0, text_top_p: float = 1.0, image_top_k: int = 0,
+                    image_top_p: float = 1.0) -> list[Segment]:
+        """Continue a document that may switch between text and images; returns its segments.
+
+        ``max_new_tokens`` None: room for one image (``<boi>``, ``tokens_per_image`` codes, ``<eoi>``) and
+        `INTERLEAVED_TEXT_TOKENS` text tokens, within the model's context. A budget that cannot hold one image
+        is a logged warning: an image the model opens would always be cut. Top-k / top-p per modality as in
+        `SamplingConfig` (0 / 1 = no filter)."""
+        prompt = self.builder.text_prompt(text)
+        image_tokens = self.tok.tokens_per_image + 2
+        budget = max_new_tokens
+        if budget is None:
+            budget = max(1, min(image_tokens + INTERLEAVED_TEXT_TOKENS, self.model.cfg.max_seq_len - len(prompt)))
+        if budget < image_tokens:
+            given = (f"max_new_tokens={budget}" if max_new_tokens is not None else f"max_new_tokens=None ({budget}: "
+                     f"what the model's max_seq_len={self.model.cfg.max_seq_len} leaves after the prompt)")
+            log.warning("interleaved: %s cannot hold one image (<boi> + %d codes + <eoi> = %d tokens), so an image "
+                        "the model opens will be cut: pass max_new_tokens >= %d (None: room for one image and %d "
+                        "text tokens)", given, self.tok.tokens_per_image, image_tokens, image_tokens,
+                        INTERLEAVED_TEXT_TOKENS)
+        cfg = SamplingConfig(max_new_tokens=budget, text_temperature=text_temperature, text_top_k=text_top_k,
+                             text_top_p=text_top_p, image_temperature=image_temperature, image_top_k=image_top_k,
+                             image_top_p=image_top_p, allow_images=True, cfg_scale=cfg_scale, seed=seed)
+        return self.split_segments(self.sampler.generate([prompt], cfg)[0])
 
     def split_segments(self, ids: Sequence[int]) -> list[Segment]:
         """Token ids -> text and image segments (complete images only; a truncated one is dropped
-        with a text note so that nothing is lost silently)."""
+        with a text note so that nothing is lost silently). Text that decodes to nothing but whitespace
+        (a trailing ``<eos>``, specials between two images) is no segment."""
         segments: list[Segment] = []
         text: list[int] = []
         i = 0
@@ -266,5 +293,5 @@ class Generator:
             i += 1
         if text:
             segments.append(Segment("text", text=self.tok.decode_text(text)))
-        return segments
+        return [s for s in segments if s.kind == "image" or s.text.strip()]
 

@@ -34,10 +34,13 @@ shapes world it did not raise caption accuracy: README Results).
 
 from __future__ import annotations
 
+import inspect
+import logging
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -46,10 +49,16 @@ from chameleon_lite.generation.logits import gumbel_noise, mask_top_k_top_p, mix
 from chameleon_lite.model import ChameleonLM, KVCache
 from chameleon_lite.vocab import UnifiedVocab
 
+log = logging.getLogger(__name__)
+
 ALL_DONE_CHECK_EVERY = 16  # generate() reads "all rows finished?" back from the device every k steps
 # KV cache slots are rounded up to a multiple of this: calls whose prompt + new tokens differ a little
 # share cache shapes, so a compiled decode step is reused instead of recompiled (unused slots are masked).
 CACHE_SLOTS_MULTIPLE = 64
+# Compiled decode graphs one Sampler keeps (one per batch size x cache size x head slice); a call that would
+# need one more decodes eagerly from then on (same tokens). Dynamo's own limit, 8, is reached by a session that
+# samples a few batch sizes; past this one, new compiles (~10-20 s each on CPU) would cost more than they save.
+COMPILED_GRAPHS_LIMIT = 64
 
 # Internal mode index of a row, ``left.sign() + 1``: rows of `_Rules.bias` and of the per-mode parameters.
 _TEXT, _END_IMAGE, _IMAGE = 0, 1, 2
@@ -67,6 +76,31 @@ class Mode(IntEnum):
 def _check_int(name: str, value: object, minimum: int, note: str = "") -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name}={value!r} must be an int >= {minimum}{note}")
+
+
+def _recompile_limit() -> dict[str, Any]:
+    """`torch.compile` arguments for this sampler's own graph count (torch >= 2.14 has them; before, dynamo's
+    process-wide limit applies and `_RECOMPILE_LIMIT_HIT` still switches to eager decoding)."""
+    wanted = {"recompile_limit": COMPILED_GRAPHS_LIMIT, "isolate_recompiles": True}
+    accepted = inspect.signature(torch.compile).parameters
+    return {k: v for k, v in wanted.items() if k in accepted}
+
+
+#: What dynamo raises (with ``fullgraph=True``) when a function would need a graph past its limit.
+_RECOMPILE_LIMIT_HIT = tuple(getattr(torch._dynamo.exc, name) for name in ("FailOnRecompileLimitHit",
+                                                                           "FailOnCacheLimitHit")
+                             if hasattr(torch._dynamo.exc, name))
+
+
+def _scale_by_temperature(scores: Tensor, inv_temperature: Tensor) -> Tensor:
+    """``scores`` (B, V) times ``inv_temperature`` (B,), finite. A row whose finite scores would overflow
+    float32 (a temperature near 0: 1e-39, or 1e-37 beside scores ~40) is shifted by its max first: the same
+    distribution with the top score at 0 and the rest far below, so it draws the greedy token rather than one
+    of several ids at inf. Other rows are scaled as they are, bit for bit."""
+    scaled = scores * inv_temperature[:, None]
+    overflow = (scores.isfinite() & ~scaled.isfinite()).any(dim=-1, keepdim=True)  # (B, 1)
+    shifted = (scores - scores.amax(dim=-1, keepdim=True)) * inv_temperature[:, None]
+    return torch.where(overflow, shifted, scaled)
 
 
 @dataclass(frozen=True)
@@ -159,7 +193,7 @@ class _Rules:
     """What a `SamplingConfig` means for one call, as device tensors indexed by the mode index."""
 
     bias: Tensor  # (3, V) float: 0 where the mode allows an id, -inf elsewhere
-    inv_temperature: Tensor  # (3,) float: 1 / T, 1 for greedy modes
+    inv_temperature: Tensor  # (3,) float: 1 / T (at most float32's max), 1 for greedy modes
     sample: Tensor  # (3,) bool: draw (T > 0) rather than argmax
     top_k: Tensor  # (3,) int64
     top_p: Tensor  # (3,) float
@@ -195,7 +229,9 @@ class Sampler:
     one graph serves every step of a head slice (text ids, image codes, ``<eoi>``) for one batch size and
     cache size (prompt + new tokens, rounded up to `CACHE_SLOTS_MULTIPLE`); each is compiled on first use,
     ~10-20 s on 2 CPU cores, on CPU with inductor's C++ wrapper. Same tokens as eager. Batch-1 decoding on
-    CPU: 1.3x eager with fp32 weights, 3.2x with int8 ones (``benchmarks/bench_decode.py``).
+    CPU: 1.3x eager with fp32 weights, 3.2x with int8 ones (``benchmarks/bench_decode.py``). A step that
+    would need more than `COMPILED_GRAPHS_LIMIT` graphs switches the sampler to eager decoding, with one
+    logged warning.
     """
 
     def __init__(self, model: ChameleonLM, vocab: UnifiedVocab, tokens_per_image: int, compile: bool = False):
@@ -208,7 +244,9 @@ class Sampler:
         self._decode_call = self._feed_and_draw
         if compile:  # fixed shapes (KVCache.fix_shapes): one graph per head slice, compiled on first use
             options = {"cpp_wrapper": True} if next(model.parameters()).device.type == "cpu" else {}
-            self._decode_call = torch.compile(self._feed_and_draw, fullgraph=True, dynamic=False, options=options)
+            self._compiled_feed_and_draw = torch.compile(
+                self._feed_and_draw, fullgraph=True, dynamic=False, options=options, **_recompile_limit())
+            self._decode_call = self._compiled_or_eager_feed_and_draw
 
     # ----------------------------------------------------------------------------------- public API
     def generate(self, prompts: Sequence[Sequence[int]], cfg: SamplingConfig,
@@ -377,11 +415,12 @@ class Sampler:
         image_context = v.image_mask(device)
         image_context[[v.bos_id, v.boi_id, v.eoi_id]] = True
         temperature = torch.tensor([cfg.text_temperature, 0.0, cfg.image_temperature], device=device)
+        inv_temperature = (1.0 / temperature).clamp(max=torch.finfo(temperature.dtype).max)  # 1 / 1e-39: inf
         top_k = torch.tensor([cfg.text_top_k, 0, cfg.image_top_k], device=device)
         top_p = torch.tensor([cfg.text_top_p, 1.0, cfg.image_top_p], device=device)
         used = [_TEXT, _IMAGE] if images_reachable else [_TEXT]
         return _Rules(
-            bias=bias, inv_temperature=torch.where(temperature > 0, 1.0 / temperature, 1.0),
+            bias=bias, inv_temperature=torch.where(temperature > 0, inv_temperature, 1.0),
             sample=temperature > 0, top_k=top_k, top_p=top_p, stop=stop, image_context=image_context,
             any_sample=bool((temperature[used] > 0).any()),
             any_filter=bool((top_k[used] > 0).any() or (top_p[used] < 1).any()),
@@ -410,6 +449,21 @@ class Sampler:
         run.lengths += ~was_done
         return tokens, mode, was_done
 
+    def _compiled_or_eager_feed_and_draw(self, run: _Decoding, previous: Tensor, head: slice | None,
+                                         noise: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """`_feed_and_draw` through its compiled graphs; from the first step that would need a graph past
+        `COMPILED_GRAPHS_LIMIT` (or dynamo's process-wide cap), eagerly. Dynamo refuses before running
+        anything, so the step then runs once, eagerly, on the untouched state."""
+        try:
+            return self._compiled_feed_and_draw(run, previous, head, noise)
+        except _RECOMPILE_LIMIT_HIT:
+            log.warning("compiled decoding reached its limit of graphs (COMPILED_GRAPHS_LIMIT=%d, one per batch "
+                        "size, cache size and head slice): this sampler decodes eagerly from now on (same "
+                        "tokens, slower); sample with fewer distinct batch sizes to stay compiled",
+                        COMPILED_GRAPHS_LIMIT)
+            self._decode_call = self._feed_and_draw
+            return self._feed_and_draw(run, previous, head, noise)
+
     def _feed_and_draw(self, run: _Decoding, previous: Tensor, head: slice | None,
                        noise: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """One decode step on tensors only (no host reads, fixed shapes): `_feed`, then `_draw`.
@@ -434,7 +488,7 @@ class Sampler:
             scores = torch.where((mode == _TEXT)[:, None], guided, scores)
         scores = scores + rules.bias[mode]  # (B, V), disallowed ids at -inf
         if rules.any_sample:
-            scores = scores * rules.inv_temperature[mode][:, None]
+            scores = _scale_by_temperature(scores, rules.inv_temperature[mode])
         if rules.any_filter:
             scores = mask_top_k_top_p(scores, rules.top_k[mode], rules.top_p[mode])
         tokens = pick_tokens(scores, rules.sample[mode], noise).masked_fill(run.done, self.vocab.pad_id)

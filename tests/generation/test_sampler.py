@@ -1,9 +1,12 @@
+import logging
 from dataclasses import replace
 
 import pytest
 import torch
 
 from chameleon_lite.generation import Mode, Sampler, SamplingConfig
+from chameleon_lite.generation import sampler as sampler_module
+from chameleon_lite.generation.sampler import _scale_by_temperature
 from chameleon_lite.model import ChameleonLM, ModelConfig
 from chameleon_lite.vocab import UnifiedVocab
 
@@ -290,6 +293,27 @@ def test_greedy_ignores_the_seed(sampler, prompts):
     assert sampler.generate(prompts, SamplingConfig(seed=2, **cfg)) == first
 
 
+@pytest.mark.parametrize("temperature", [1e-30, 1e-39])
+def test_a_temperature_near_zero_draws_the_greedy_tokens(sampler, prompts, temperature):
+    """1 / 1e-39 overflows float32, and guided logits ~1e9 (cfg_scale 1e9) x 1 / 1e-30 do: such rows are
+    shifted by their max before scaling, not turned into several ids at inf (or NaN)."""
+    greedy = SamplingConfig(max_new_tokens=30, text_temperature=0.0, image_temperature=0.0, cfg_scale=1e9)
+    expected = sampler.generate(prompts, greedy)
+    for seed, top_p in ((0, 1.0), (1, 0.9)):
+        cold = replace(greedy, text_temperature=temperature, image_temperature=temperature, text_top_p=top_p,
+                       image_top_p=top_p, seed=seed)
+        assert sampler.generate(prompts, cold) == expected
+
+
+def test_temperature_scaling_is_unchanged_where_it_does_not_overflow():
+    scores = torch.randn(3, 50, generator=torch.Generator().manual_seed(0)) * 10
+    scores[0, :5] = float("-inf")
+    inv = torch.tensor([1 / 0.6, 1.0, 1 / 1e-38])  # the last row overflows (|scores| > 3.4): shifted by its max
+    scaled = _scale_by_temperature(scores, inv)
+    assert torch.equal(scaled[:2], scores[:2] * inv[:2, None])
+    assert scaled[2].max() == 0 and scaled[2].argmax() == scores[2].argmax() and not scaled.isnan().any()
+
+
 # ----------------------------------------------------------------------------------------- errors
 def test_prompt_longer_than_the_context_budget_names_index_length_and_limit(sampler, vocab):
     long_prompt = [vocab.bos_id] + vocab.text_to_ids([1] * 199)
@@ -371,6 +395,30 @@ def test_compiled_decode_is_one_graph_for_all_steps(model, vocab, prompts):
     first = compiled.generate(text_prompts, cfg)
     assert compiled.generate(text_prompts, replace(cfg, max_new_tokens=7)) == [r[:7] for r in first]
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["plain"], indirect=True)
+def test_compiled_decode_outlives_dynamos_recompile_limit_then_decodes_eagerly(model, vocab, prompts, monkeypatch,
+                                                                               caplog):
+    """Each batch size is a new graph. Dynamo's recompile limit (8; 1 here, to compile little) no longer ends
+    the session: the sampler compiles up to its own `COMPILED_GRAPHS_LIMIT` (2 here), then decodes eagerly
+    with one warning. Every call draws the eager tokens."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    monkeypatch.setattr(sampler_module, "COMPILED_GRAPHS_LIMIT", 2)
+    eager = Sampler(model, vocab, tokens_per_image=N_IMAGE_TOKENS)
+    compiled = Sampler(model, vocab, tokens_per_image=N_IMAGE_TOKENS, compile=True)
+    cfg = SamplingConfig(max_new_tokens=3, text_temperature=0.0, allow_images=False)
+    warnings = []
+    with torch._dynamo.config.patch(recompile_limit=1), caplog.at_level(logging.WARNING, sampler_module.__name__):
+        for batch in range(1, 5):
+            rows = [prompts[0], prompts[4]][:batch] + [prompts[2]] * (batch - 2)
+            assert compiled.generate(rows, cfg) == eager.generate(rows, cfg)
+            warnings = [r.getMessage() for r in caplog.records if r.name == sampler_module.__name__]
+            assert len(warnings) == (batch > 2)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2  # batch sizes 3 and 4 ran eagerly
+    assert "reached its limit of graphs (COMPILED_GRAPHS_LIMIT=2" in warnings[0]
 
 
 def test_a_model_with_active_dropout_is_refused(vocab, prompts):
