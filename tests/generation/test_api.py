@@ -1,4 +1,4 @@
-"""Generator.interleaved and split_segments on tiny untrained models (tests/generation/conftest.py)."""
+"""Generator.interleaved and split_segments on tiny untrained models (tests/conftest.py)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`chameleon-generate` (chameleon_lite/cli/generate.py) on the tiny generators of tests/generation/conftest.py,
+"""`chameleon-generate` (chameleon_lite/cli/generate.py) on the tiny generators of tests/conftest.py,
 with the real conf/generate.yaml: what each task reads, and what it warns about."""
 
 from __future__ import annotations
