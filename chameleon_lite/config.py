@@ -83,11 +83,15 @@ def user_message(err: BaseException) -> str:
     "Caught ValueError in DataLoader worker process 0. Original Traceback: ... ValueError: <message>": the
     worker's own message comes first then, with where it was raised."""
     text = str(err)
-    marker = f"\n{type(err).__name__}: "
-    if text.startswith("Caught ") and "Original Traceback" in text and marker in text:
-        where = text.splitlines()[0].removeprefix("Caught ").rstrip(".")
-        return f"{text.rsplit(marker, 1)[1].strip()} ({where})"
-    return text
+    if not (text.startswith("Caught ") and "Original Traceback" in text):
+        return text
+    # the traceback's last line names the class, module-qualified unless it is a builtin
+    marker = re.compile(rf"\n(?:[\w.]+\.)?{re.escape(type(err).__name__)}: ")
+    raised = list(marker.finditer(text))
+    if not raised:
+        return text
+    where = text.splitlines()[0].removeprefix("Caught ").rstrip(".")
+    return f"{text[raised[-1].end():].strip()} ({where})"
 
 
 def hydra_app(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Callable[[], None]]:

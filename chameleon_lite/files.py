@@ -73,14 +73,27 @@ def build_lock(path: str | os.PathLike) -> Iterator[None]:
     For builders of shared artifacts (token caches): the processes of a job started by torchrun or SLURM, or
     two runs sharing a cache directory, would otherwise all build the same file at once; with the lock the
     first builds it and the others wait, then load it. Released when the block ends or the process dies.
+    Where no lock can be had (a read-only cache directory, a lock file of another user that cannot be opened,
+    a file system without locks) the block runs unlocked: loading a complete cache needs none, and each
+    builder's writes stay atomic.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o666)  # flock needs no write access
+    except OSError as err:
+        log.debug("no lock file %s (%s): going on unlocked", path, err)
+        yield
+        return
+    try:
         if fcntl is not None:
             try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 log.info("waiting for another process building %s", path.with_suffix(""))
-                fcntl.flock(f, fcntl.LOCK_EX)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError as err:  # ENOLCK (NFS without lockd), ENOSYS / EINVAL (file systems without flock)
+                log.warning("cannot lock %s (%s): building without a lock", path, err)
         yield
+    finally:
+        os.close(fd)

@@ -9,7 +9,7 @@ from conftest import compose_config
 from hydra.errors import ConfigCompositionException
 from omegaconf import DictConfig, OmegaConf
 
-from chameleon_lite.config import CONF_DIR
+from chameleon_lite.config import CONF_DIR, ConfigError
 from chameleon_lite.model import ModelConfig
 
 PRIMARY = sorted(p.stem for p in CONF_DIR.glob("*.yaml"))
@@ -95,20 +95,25 @@ def test_cli_bad_value_exits_2_naming_the_key(tmp_path):
 
 
 class _FailingRows(torch.utils.data.Dataset):
+    def __init__(self, error: type[ValueError]) -> None:
+        self.error = error
+
     def __len__(self) -> int:
         return 2
 
     def __getitem__(self, index: int):
-        raise ValueError("data.train_shards: no shard gave a usable sample;\nfix or replace the shards")
+        raise self.error("data.train_shards: no shard gave a usable sample;\nfix or replace the shards")
 
 
-def test_an_error_raised_in_a_dataloader_worker_is_shown_with_its_own_message():
+@pytest.mark.parametrize("error", [ValueError, ConfigError])  # a builtin, and a class named with its module
+def test_an_error_raised_in_a_dataloader_worker_is_shown_with_its_own_message(error):
     from chameleon_lite.config import user_message
 
-    loader = torch.utils.data.DataLoader(_FailingRows(), num_workers=1)
-    with pytest.raises(ValueError) as caught:
+    loader = torch.utils.data.DataLoader(_FailingRows(error), num_workers=1)
+    with pytest.raises(error) as caught:
         next(iter(loader))
-    assert str(caught.value).startswith("Caught ValueError in DataLoader worker process 0")
+    name = error.__name__
+    assert str(caught.value).startswith(f"Caught {name} in DataLoader worker process 0")
     assert user_message(caught.value) == ("data.train_shards: no shard gave a usable sample;\nfix or replace the "
-                                          "shards (ValueError in DataLoader worker process 0)")
+                                          f"shards ({name} in DataLoader worker process 0)")
     assert user_message(ValueError("plain")) == "plain"

@@ -208,8 +208,11 @@ class ChameleonLightningModule(L.LightningModule):
         self._val_sums = torch.zeros(len(_VAL_SUMS), dtype=dtype, device=self.device)
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        if bool((batch["labels"] != IGNORE_INDEX).any()):  # (else only rows that even out the processes' shares)
+        if bool((batch["labels"] != IGNORE_INDEX).any()):
             self._shared_step(batch, "val")
+        else:  # only rows that even out the processes' shares: still a forward, since under FSDP every process
+            # must all-gather each block's parameters in step with the others
+            self.model.hidden_states(batch["input_ids"], positions=batch["positions"], doc_lens=batch["doc_lens"])
 
     def _add_val_sums(self, out: Any, is_text: Tensor, is_image: Tensor) -> None:
         n = out.n_tokens

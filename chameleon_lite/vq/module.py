@@ -116,8 +116,12 @@ class VQModule(L.LightningModule):
         if counts.ndim == 2:
             counts = counts.sum(0)
         self.val_usage.counts = counts.cpu()
+        images = torch.tensor(float(self.val_psnr.update_count), device=self.device)  # (batches, each one update)
+        if self.trainer.world_size > 1:
+            images = self.trainer.strategy.reduce(images, reduce_op="sum")
         for name, metric in (("psnr", self.val_psnr), ("mse", self.val_mse)):
-            self.log(f"val/{name}", metric.compute(), prog_bar=name == "psnr")
+            if images > 0:  # (no val image read anywhere: nothing to log, rather than NaN)
+                self.log(f"val/{name}", metric.compute(), prog_bar=name == "psnr")
             metric.reset()
         self.log("val/usage", self.val_usage.usage(), prog_bar=True)
         self.log("val/perplexity", self.val_usage.perplexity())

@@ -104,3 +104,23 @@ def test_fsdp_strategy_writes_atomically_and_checkpoints_each_block_once(model_c
     strategy = build_strategy("fsdp", model_checkpoints)
     assert isinstance(strategy, FSDPStrategy) and isinstance(strategy.checkpoint_io, AtomicCheckpointIO)
     assert bool(strategy._activation_checkpointing_kwargs) is not model_checkpoints
+
+
+def test_a_validation_batch_of_padding_rows_still_runs_the_forward_and_adds_nothing():
+    """Padding rows even out the processes' validation shares; a batch of only those must still run the model
+    (under FSDP each forward all-gathers the blocks' parameters with every other process) and count nothing."""
+    import torch
+
+    from chameleon_lite.data.sequences import IGNORE_INDEX
+
+    module = _module()
+    forwards = []
+    module.model.register_forward_hook(lambda *args: forwards.append(1))
+    for block in module.model.layers:
+        block.register_forward_hook(lambda *args: forwards.append(1))
+    module.on_validation_epoch_start()
+    ids = torch.randint(0, 40, (2, 16))
+    batch = {"input_ids": ids, "labels": torch.full_like(ids, IGNORE_INDEX),
+             "positions": torch.arange(16).expand(2, 16), "doc_lens": torch.tensor([[16], [16]])}
+    module.validation_step(batch, 0)
+    assert forwards and not module._val_sums.any()
