@@ -21,9 +21,9 @@ TASKS = ("geneval", "caption", "perplexity", "composition", "vq")
 SETTINGS = {
     "geneval": ("n_prompts", "images_per_prompt", "cfg_scale", "image_temperature", "image_top_k",
                 "image_candidates", "image_rerank", "image_rerank_edits", "image_negative_scale",
-                "image_negative_edits", "seed", "quantize"),
+                "image_negative_edits", "seed", "sample_seed", "quantize"),
     "caption": ("n_images", "caption_temperature", "caption_cfg_scale", "caption_candidates",
-                "caption_candidate_temperature", "scene_search", "seed", "quantize"),
+                "caption_candidate_temperature", "scene_search", "seed", "sample_seed", "quantize"),
     "composition": ("n_probe", "seed"),
     "perplexity": ("max_batches",),
 }
@@ -49,6 +49,8 @@ def protocol(cfg: DictConfig) -> dict:
         # the default ranking (or none): the protocol of results written before the option existed
         settings.pop("image_rerank")
         settings.pop("image_rerank_edits")
+    if settings.get("sample_seed", 0) is None:  # the noise of `seed`: the protocol of results from before the key
+        settings.pop("sample_seed")
     if "scene_search" in settings and settings["scene_search"]["rounds"] == 0:
         settings["scene_search"] = {"rounds": 0}
     return {"split": "val" if cfg.task == "perplexity" else cfg.split, "settings": settings,
@@ -59,6 +61,11 @@ def _without_zero_tasks(key: str, value):
     """``data.tasks`` as the documents it draws: a weight-0 task (``uncond: 0``, listed since 2026-11-24) draws
     none, so results from before it was listed still compare."""
     return {task: w for task, w in value.items() if w} if key == "tasks" else value
+
+
+def _noise_seed(cfg: DictConfig) -> int:
+    """The seed of the sampling noise: ``sample_seed``, or ``seed`` (which also draws the scenes) when null."""
+    return cfg.seed if cfg.get("sample_seed") is None else cfg.sample_seed
 
 
 def _world(cfg: DictConfig, n: int):
@@ -129,6 +136,9 @@ def evaluate(cfg: DictConfig) -> dict:
         if key == "max_batches" and cfg.get(key) is None:
             continue  # null: every validation batch
         require(cfg, key, lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an int >= 1")
+    if "sample_seed" in SETTINGS.get(cfg.task, ()):
+        require(cfg, "sample_seed", lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 0),
+                "null (the noise of seed) or an int >= 0")
     require(cfg, "grid_examples", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
             "an int >= 0 (0 = no grid)")
     gen = _generator(cfg)
@@ -148,7 +158,8 @@ def evaluate(cfg: DictConfig) -> dict:
             raise ConfigError("image_negative_scale > 0 adds to classifier-free guidance: set cfg_scale "
                               "(e.g. cfg_scale=2.0) or image_negative_scale=0")
         summary, records, examples = run_geneval(gen, _world(cfg, cfg.n_prompts), cfg.n_prompts, cfg.images_per_prompt,
-                                                 cfg.cfg_scale, cfg.image_temperature, cfg.image_top_k, cfg.seed,
+                                                 cfg.cfg_scale, cfg.image_temperature, cfg.image_top_k,
+                                                 _noise_seed(cfg),
                                                  candidates=cfg.image_candidates,
                                                  negative_scale=cfg.image_negative_scale,
                                                  negative_edits=list(cfg.image_negative_edits),
@@ -161,7 +172,7 @@ def evaluate(cfg: DictConfig) -> dict:
         require(cfg, "scene_search.caption_weight", lambda v: isinstance(v, (int, float)) and v >= 0, "a number >= 0")
 
         summary, records, examples = run_captioning(gen, _world(cfg, cfg.n_images), cfg.n_images,
-                                                    cfg.caption_temperature, cfg.seed, cfg.caption_cfg_scale,
+                                                    cfg.caption_temperature, _noise_seed(cfg), cfg.caption_cfg_scale,
                                                     candidates=cfg.caption_candidates,
                                                     candidate_temperature=cfg.caption_candidate_temperature,
                                                     search_rounds=cfg.scene_search.rounds,

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from chameleon_lite import viz
 from chameleon_lite.cli.eval import evaluate
-from chameleon_lite.config import compose_config
+from chameleon_lite.config import ConfigError, compose_config
 from chameleon_lite.data.sequences import IGNORE_INDEX
 from chameleon_lite.data.shapes import ShapesWorld
 from chameleon_lite.eval.geneval import describe_detections
@@ -317,3 +317,31 @@ def test_perplexity_is_exp_of_the_mean_ce_over_the_batches_evaluated(tiny_checkp
     rows = {r["target"]: r for r in markdown_rows(res["table"])}
     assert set(rows) == set(summary) and all(int(rows[k]["tokens"]) == summary[k]["tokens"] for k in summary)
     assert (tmp_path / "out" / "perplexity.md").read_text() == res["table"]
+
+
+@pytest.mark.parametrize("task", ["geneval", "caption"])
+def test_sample_seed_redraws_the_noise_of_the_same_prompts(tiny_checkpoint, tmp_path, monkeypatch, task):
+    """``sample_seed`` null is ``seed``'s noise (the results of before the key, protocol included); another value
+    keeps the prompts (images) and draws other samples, so two such evals pair up in compare_evals --paired."""
+    method = "generate_images" if task == "geneval" else "caption"
+    real, calls = getattr(Generator, method), []
+
+    def record(self, inputs, *args, **kwargs):
+        calls[-1].append((list(inputs) if task == "geneval" else len(inputs), kwargs["seed"]))
+        return real(self, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(Generator, method, record)
+
+    def run(name, *extra):
+        calls.append([])
+        evaluate(eval_cfg(tiny_checkpoint, tmp_path / name, task, "grid_examples=0", *extra))
+        return calls[-1], json.loads((tmp_path / name / "out" / f"{task}.json").read_text())
+
+    (default, d_json), (same, s_json), (other, o_json) = run("a"), run("b", "sample_seed=1234"), run("c", "sample_seed=7")
+    assert default == same and "sample_seed" not in d_json["settings"] and s_json["settings"]["sample_seed"] == 1234
+    assert [inputs for inputs, _ in other] == [inputs for inputs, _ in default]  # the same prompts / images
+    assert [r["prompt" if task == "geneval" else "truth"] for r in o_json["records"]] == \
+        [r["prompt" if task == "geneval" else "truth"] for r in d_json["records"]]
+    assert not {seed for _, seed in other} & {seed for _, seed in default}  # other noise throughout
+    with pytest.raises(ConfigError, match="sample_seed"):
+        evaluate(eval_cfg(tiny_checkpoint, tmp_path / "bad", task, "sample_seed=-1"))
