@@ -81,9 +81,9 @@ def export_weights(module, out_dir: Path, tokenizer_dir: str | os.PathLike,
     training_data = (getattr(module, "hparams", None) or {}).get("training_data")
     if training_data:
         meta["training_data"] = dict(training_data)
-    init_from = (getattr(module, "hparams", None) or {}).get("init_from")
-    if init_from:
-        meta["init_from"] = init_from
+    for key in ("init_from", "tokenizers"):
+        if value := (getattr(module, "hparams", None) or {}).get(key):
+            meta[key] = value
     atomic_write_text(out_dir / "config.json", json.dumps(meta, indent=2) + "\n")
     return out_dir
 
@@ -106,7 +106,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
             hp = ckpt["hyper_parameters"]
             meta = {"model": dict(hp["model"]), "vocab": dict(ckpt.get("vocab") or hp["vocab"]),
                     "tokenizer_dir": ckpt.get("tokenizer_dir"), "global_step": ckpt.get("global_step"),
-                    "training_data": hp.get("training_data")}
+                    "training_data": hp.get("training_data"), "tokenizers": hp.get("tokenizers")}
             state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
         except (KeyError, TypeError) as err:
             raise CheckpointError(f"{path}: not a chameleon-lite training checkpoint (missing {err})") from None

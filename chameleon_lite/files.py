@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import tempfile
@@ -15,6 +16,15 @@ except ImportError:  # Windows: no advisory locks; concurrent builders each writ
     fcntl = None
 
 log = logging.getLogger(__name__)
+
+
+def file_digest(path: str | os.PathLike, n: int = 16) -> str:
+    """The first ``n`` hex digits of the SHA-256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:n]
 
 
 def _default_mode() -> int:

@@ -15,8 +15,28 @@ from pathlib import Path
 import torch
 
 from chameleon_lite.data.sequences import LossOn, SequenceBuilder
+from chameleon_lite.files import file_digest
 from chameleon_lite.text_tokenizer import TextTokenizer
 from chameleon_lite.vocab import UnifiedVocab, VocabMismatchError
+
+#: The files of a tokenizer directory whose bytes give its ids their meaning (vocab.json's layout is checked
+#: apart, by `UnifiedVocab.check_compatible`): recorded by training, compared where a model meets tokenizers again.
+TOKENIZER_FILES = ("text.model", "vq.safetensors", "vq.yaml")
+
+
+def tokenizer_digests(path: str | os.PathLike) -> dict[str, str]:
+    """``{file: digest}`` of the `TOKENIZER_FILES` present in the tokenizer directory ``path``."""
+    path = Path(path)
+    return {name: file_digest(path / name) for name in TOKENIZER_FILES if (path / name).is_file()}
+
+
+def changed_tokenizer_files(recorded: dict[str, str] | None, path: str | os.PathLike) -> list[str]:
+    """The recorded files whose bytes in ``path`` are not those recorded (none when nothing was recorded, as
+    by models trained before 2026-11-24): a vocab of the same layout can hide another text model or VQ."""
+    if not recorded:
+        return []
+    now = tokenizer_digests(path)
+    return [name for name, digest in recorded.items() if now.get(name) != digest]
 
 
 class MultimodalTokenizer:

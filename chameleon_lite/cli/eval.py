@@ -81,6 +81,10 @@ def _check_world(cfg: DictConfig, gen) -> None:
     """Warn when the model was trained on a shapes world whose held-out pairs or layout differ from the
     one this evaluation draws (its held-out / seen split would then not mean 'never seen in training')."""
     trained = gen.meta.get("training_data") or {}
+    if trained.get("source") not in (None, "shapes"):
+        log.warning("%s was trained on data.source=%s, not on the shapes world this evaluation draws its prompts and "
+                    "images from: its scores say how it transfers to shapes, not how it does on its own data (for that: "
+                    "val/loss in runs/<run>/logs/metrics.csv)", cfg.ckpt, trained["source"])
     if trained.get("source") != "shapes":
         return
     here = OmegaConf.to_container(cfg.data, resolve=True)
@@ -130,8 +134,16 @@ def evaluate(cfg: DictConfig) -> dict:
     if cfg.task == "vq":
         from chameleon_lite.eval.vq_metrics import run_vq_eval
 
+        if cfg.get("ckpt") is not None:
+            log.warning("task=vq evaluates the VQ in tokenizer.dir=%s; ckpt=%s is not read (for the tokenizers a model "
+                        "was trained with, pass their dir: tokenizer.dir=...)", cfg.tokenizer.dir, cfg.ckpt)
         result = run_vq_eval(cfg)
         return {**result, "table": result.get("table", "")}
+    source = cfg.data.get("source", "shapes")
+    if source != "shapes" and cfg.task != "perplexity":  # (perplexity: its own error)
+        raise ConfigError(f"task={cfg.task} scores on the shapes world (its detector and caption grammar), which "
+                          f"data.source={source} has neither: leave data at its default to score the model on shapes "
+                          "prompts and images; for your own data read val/loss in runs/<run>/logs/metrics.csv")
     for key in COUNTS[cfg.task]:  # before the model loads: a zero would score nothing or fail deep in sampling
         if key == "max_batches" and cfg.get(key) is None:
             continue  # null: every validation batch

@@ -12,7 +12,11 @@ from chameleon_lite.checkpoint import export_weights, init_weights_from, safe_to
 from chameleon_lite.config import ConfigError, hydra_app, require, resolve_path
 from chameleon_lite.data.datamodule import ChameleonDataModule, training_data_record
 from chameleon_lite.model import ModelConfig
-from chameleon_lite.multimodal_tokenizer import MultimodalTokenizer
+from chameleon_lite.multimodal_tokenizer import (
+    MultimodalTokenizer,
+    changed_tokenizer_files,
+    tokenizer_digests,
+)
 from chameleon_lite.train.module import ChameleonLightningModule, trainer_settings
 from chameleon_lite.train.trainer import build_trainer, resolve_ckpt_path
 
@@ -100,6 +104,9 @@ def check_resume(ckpt_file: str, module: ChameleonLightningModule, dm: Chameleon
     for key in ("model", "optim", "training_data", "data", "seed"):  # the seed draws the task mix and row order
         if key in old:  # (a checkpoint from before the key was recorded has none)
             differences += _differences(old[key], new.get(key), key, RESUME_FREE.get(key, frozenset()))
+    if changed := changed_tokenizer_files(old.get("tokenizers"), module.tokenizer_dir):
+        differences.append(f"tokenizer.dir={module.tokenizer_dir}: its {' / '.join(changed)} are not those the run "
+                           f"trained with (in tokenizer.dir={saved.get('tokenizer_dir')} then)")
     if "trainer_settings" in saved:  # (checkpoints of session 17 on)
         was, now = dict(saved["trainer_settings"]), trainer_settings(trainer)
         if was.pop("accumulate_grad_batches", None) not in (None, now["accumulate_grad_batches"]):
@@ -153,7 +160,8 @@ def train(cfg: DictConfig) -> dict:
                                       vocab=vocab.to_dict(), total_steps=max_steps,
                                       tokenizer_dir=str(resolve_path(cfg.tokenizer.dir)), compile=cfg.compile,
                                       training_data=training_data_record(cfg.data),
-                                      init_from=None if init_from is None else str(init_from))
+                                      init_from=None if init_from is None else str(init_from),
+                                      tokenizers=tokenizer_digests(resolve_path(cfg.tokenizer.dir)))
     log.info("model: %.2fM parameters (%.2fM without embeddings)", module.model.num_params() / 1e6,
              module.model.num_params(exclude_embeddings=True) / 1e6)
     if ckpt_file is not None:
@@ -163,7 +171,12 @@ def train(cfg: DictConfig) -> dict:
             log.info("resuming %s: its weights, not init_from=%s, are trained on (the run started from %s)",
                      ckpt_file, init_from, started_from)
     elif init_from is not None:
-        init_weights_from(module.model, init_from, vocab)
+        source = init_weights_from(module.model, init_from, vocab)
+        if changed := changed_tokenizer_files(source.get("tokenizers"), cfg.tokenizer.dir):
+            log.warning("init_from=%s was trained with other %s than tokenizer.dir=%s holds (it recorded %s): the "
+                        "ids keep their layout but not their meaning; fine-tune with the tokenizers it was trained "
+                        "with unless this is meant", init_from, " / ".join(changed), cfg.tokenizer.dir,
+                        source.get("tokenizer_dir"))
         log.info("initialised the model from %s (a new run: fresh optimizer state and LR schedule)", init_from)
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_file)
     result = {"run_dir": str(run_dir), "global_step": trainer.global_step,

@@ -50,8 +50,8 @@ from tqdm.auto import tqdm
 
 from chameleon_lite.config import ConfigError, resolve_path
 from chameleon_lite.data.sequences import Document, ImageSegment, SequenceBuilder, TextSegment
-from chameleon_lite.data.token_cache import cache_key, file_digest
-from chameleon_lite.files import atomic_path, build_lock
+from chameleon_lite.data.token_cache import cache_key
+from chameleon_lite.files import atomic_path, build_lock, file_digest
 from chameleon_lite.multimodal_tokenizer import MultimodalTokenizer
 from chameleon_lite.vq.image_io import ImageLoadError, check_image_size, load_image
 

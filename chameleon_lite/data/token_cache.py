@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from chameleon_lite.files import atomic_path, atomic_write_text, build_lock
+from chameleon_lite.files import atomic_path, atomic_write_text, build_lock, file_digest
 
 log = logging.getLogger(__name__)
 
@@ -36,14 +36,6 @@ class TokenCache:
 
     def __len__(self) -> int:
         return len(self.texts)
-
-
-def file_digest(path: Path, n: int = 16) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:n]
 
 
 def cache_key(settings: dict) -> str:

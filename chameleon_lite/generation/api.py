@@ -21,7 +21,7 @@ from chameleon_lite.checkpoint import load_model
 from chameleon_lite.generation.quantize import apply_quantize
 from chameleon_lite.generation.sampler import Sampler, SamplingConfig
 from chameleon_lite.model import ChameleonLM
-from chameleon_lite.multimodal_tokenizer import MultimodalTokenizer
+from chameleon_lite.multimodal_tokenizer import MultimodalTokenizer, changed_tokenizer_files
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +93,10 @@ class Generator:
             raise ValueError(f"{ckpt} does not record its tokenizer directory; pass tokenizer_dir=...")
         tok = MultimodalTokenizer.from_dir(Path(tok_dir), device=device)
         vocab.check_compatible(tok.vocab, f"checkpoint {ckpt}", f"tokenizers {tok_dir}")
+        if changed := changed_tokenizer_files(meta.get("tokenizers"), tok_dir):
+            log.warning("%s was trained with other %s than %s holds now (retrained in place, or another "
+                        "tokenizer dir of the same vocab layout): prompts and images are read and written with "
+                        "tokenizers the model does not know", ckpt, " / ".join(changed), tok_dir)
         gen = cls(model, tok, quantize=quantize, compile=compile)
         gen.meta = meta
         return gen

@@ -87,7 +87,8 @@ def trainer_settings(trainer: L.Trainer) -> dict[str, Any]:
 
 class ChameleonLightningModule(L.LightningModule):
     def __init__(self, model: dict, optim: dict, vocab: dict, total_steps: int, tokenizer_dir: str | None = None,
-                 compile: bool = False, training_data: dict | None = None, init_from: str | None = None):
+                 compile: bool = False, training_data: dict | None = None, init_from: str | None = None,
+                 tokenizers: dict | None = None):
         """All arguments are plain dicts so that ``save_hyperparameters`` makes checkpoints self-describing.
 
         model: ModelConfig fields (vocab_size filled); optim: conf/optim fields; vocab:
@@ -97,7 +98,9 @@ class ChameleonLightningModule(L.LightningModule):
         training_data: `training_data_record` of the data config (kept in the checkpoint and the exported
         model, so evaluation can tell when it scores against another shapes world);
         init_from: the model whose weights the run started from (recorded; ``chameleon-train init_from=``
-        copies them in, `checkpoint.init_weights_from`).
+        copies them in, `checkpoint.init_weights_from`);
+        tokenizers: `tokenizer_digests` of tokenizer_dir (a resume, a fine-tune or sampling with other tokenizer
+        files of the same vocab layout is then refused or named).
         """
         super().__init__()
         self.save_hyperparameters()

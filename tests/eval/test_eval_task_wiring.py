@@ -345,3 +345,12 @@ def test_sample_seed_redraws_the_noise_of_the_same_prompts(tiny_checkpoint, tmp_
     assert not {seed for _, seed in other} & {seed for _, seed in default}  # other noise throughout
     with pytest.raises(ConfigError, match="sample_seed"):
         evaluate(eval_cfg(tiny_checkpoint, tmp_path / "bad", task, "sample_seed=-1"))
+
+
+@pytest.mark.parametrize("task", ["geneval", "caption", "composition"])
+def test_scoring_tasks_on_another_data_source_are_refused_before_the_model_loads(tmp_path, task):
+    """They draw shapes-world prompts and score with its detector and grammar: ``data=jsonl`` stopped with an
+    omegaconf traceback after loading the model."""
+    cfg = eval_cfg(tmp_path / "no-such-model", tmp_path, task, "data=jsonl", "data.train_path=x.jsonl")
+    with pytest.raises(ConfigError, match="data.source=jsonl"):
+        evaluate(cfg)

@@ -237,3 +237,32 @@ def test_resume_differences_ignore_what_an_older_checkpoint_does_not_record():
     assert _differences(old, {"dim": 64, "qk_norm": True, "image_pos_embed": False}, "model") == []
     assert _differences(old, {"dim": 32, "qk_norm": True}, "model") == ["model.dim: 64 in the checkpoint, 32 now"]
     assert _differences({"lr": 3e-3, "betas": [0.9, 0.95]}, {"lr": 0.003, "betas": [0.9, 0.95]}, "optim") == []
+
+
+def test_other_tokenizer_files_of_the_same_vocab_layout_are_refused_on_resume_and_named_elsewhere(
+        tiny_train_cfg, tmp_path, caplog):
+    """A tokenizer dir whose vocab.json has the layout of the run's (the default sizes give the shipped one's)
+    passed every check: a resume without the run's ``tokenizer.dir`` continued on other text ids and VQ codes,
+    and sampling decoded with a VQ retrained in place. The checkpoint now records the tokenizer files' digests."""
+    import shutil
+
+    from chameleon_lite.config import TOKENIZERS_DIR
+    from chameleon_lite.generation.api import Generator
+
+    mine = tmp_path / "tok"
+    shutil.copytree(TOKENIZERS_DIR / "shapes", mine)
+    result = train(tiny_train_cfg(f"tokenizer.dir={mine}", "export_weights=true"))
+    with open(mine / "vq.yaml", "a") as f:  # "retrained in place": other bytes (here only a comment)
+        f.write("# retrained\n")
+    with pytest.raises(ConfigError, match=rf"tokenizer.dir={mine}: its vq.yaml are not those the run trained"):
+        train(tiny_train_cfg(f"tokenizer.dir={mine}", "ckpt_path=last", "trainer.max_steps=9"))
+    for model in (tmp_path / "run" / "checkpoints" / "last.ckpt", result["weights"]):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="chameleon_lite.generation.api"):
+            Generator.load(model)
+        assert "was trained with other vq.yaml than" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="chameleon_lite.cli.train"):
+        train(tiny_train_cfg(f"init_from={result['weights']}", f"tokenizer.dir={mine}", f"run_dir={tmp_path / 'ft'}",
+                             "trainer.max_steps=1"))
+    assert "was trained with other vq.yaml than tokenizer.dir" in caplog.text
