@@ -89,13 +89,22 @@ def export_weights(module, out_dir: Path, tokenizer_dir: str | os.PathLike,
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[ChameleonLM, UnifiedVocab, dict]:
-    """Load a ``.ckpt`` file or an exported directory -> (model in eval mode, vocab, metadata)."""
+    """Load a ``.ckpt`` file, an exported directory or a Hugging Face Chameleon directory (``chameleon-export-hf``'s,
+    or one written by ``transformers``; needs the ``hf`` extra) -> (model in eval mode, vocab, metadata)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist (give ckpt=runs/<run>/checkpoints/last.ckpt "
                                 "or an exported runs/<run>/model directory)")
     if path.is_dir():
         cfg_path, weights = path / "config.json", path / "model.safetensors"
+        if cfg_path.is_file() and json.loads(cfg_path.read_text()).get("model_type"):  # transformers' config
+            try:
+                from chameleon_lite.interop.hf import import_hf
+            except ImportError as err:
+                raise CheckpointError(f"{path} is a Hugging Face directory, which needs transformers ({err}): "
+                                      "pip install -e '.[hf]'") from None
+            model, vocab, meta = import_hf(path)
+            return model.to(device).eval(), vocab, meta
         if not cfg_path.is_file() or not weights.is_file():
             raise CheckpointError(f"{path} is not an exported model directory (needs config.json and model.safetensors)")
         meta = json.loads(cfg_path.read_text())
@@ -138,15 +147,7 @@ def init_weights_from(model: ChameleonLM, source: str | os.PathLike, vocab: Unif
     (`ARCHITECTURE_KEYS`); the error names every key that differs with the override that matches the source.
     Returns the source's metadata (as `load_model`)."""
     source = Path(source)
-    if (source / "config.json").is_file() and json.loads((source / "config.json").read_text()).get("model_type"):
-        try:
-            from chameleon_lite.interop.hf import import_hf
-        except ImportError as err:
-            raise CheckpointError(f"init_from={source} is a Hugging Face directory, which needs transformers "
-                                  f"({err}): pip install -e '.[hf]'") from None
-        loaded, found_vocab, meta = import_hf(source)
-    else:
-        loaded, found_vocab, meta = load_model(source)
+    loaded, found_vocab, meta = load_model(source)
     vocab.check_compatible(found_vocab, "this run's tokenizers", f"init_from={source}")
     unused = () if model.cfg.image_pos_embed or loaded.cfg.image_pos_embed else ("image_grid", "image_ids")
     differences = {key: (getattr(model.cfg, field), getattr(loaded.cfg, field))

@@ -91,3 +91,16 @@ def test_cli_exports_the_tokenizer_dirs_vq_only_when_hf_compatible(trained, tmp_
     if not hf_compatible:
         assert "image encoder" in readme and "not" in readme.split("image encoder", 1)[1][:200]
     assert hf.model.vqmodel.quantize.embedding.weight.shape[0] == 16
+
+
+def test_an_hf_directory_loads_where_a_model_is_asked_for(trained, tmp_path):
+    """`load_model` (chameleon-generate / -eval ckpt=, the notebook, init_from) reads an HF export: it stopped
+    with "incomplete metadata ('model')"."""
+    from chameleon_lite.checkpoint import load_model
+
+    model, ckpt = trained
+    out = export_checkpoint(compose_export(f"ckpt={ckpt}", f"out={tmp_path / 'hf'}", "drop_resid_dropout=true"))
+    loaded, vocab, meta = load_model(out)
+    ids = torch.randint(0, vocab.size, (1, 12))
+    torch.testing.assert_close(loaded(ids), model(ids), atol=1e-5, rtol=1e-5)
+    assert not loaded.training and meta["tokenizer_dir"] == str((tmp_path / "tok").resolve())
