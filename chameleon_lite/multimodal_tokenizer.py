@@ -46,8 +46,10 @@ class MultimodalTokenizer:
                                      f"n_text={vocab.n_text}; rebuild vocab.json with `chameleon-tokenizer`")
         if image is not None and image.codebook_size != vocab.n_image:
             raise VocabMismatchError(f"{source}: the VQ has {image.codebook_size} codes but vocab.json expects "
-                                     f"n_image={vocab.n_image}; rebuild vocab.json with "
-                                     f"`chameleon-tokenizer tokenizer.image_codebook_size={image.codebook_size}`")
+                                     f"n_image={vocab.n_image}; rebuild vocab.json with `chameleon-tokenizer "
+                                     f"tokenizer.dir={source} tokenizer.image_codebook_size={image.codebook_size} "
+                                     "overwrite=true` (it retrains text.model too: give your corpus as "
+                                     "tokenizer.text_files=[...])")
         self.text = text
         self.vocab = vocab
         self.image = image

@@ -124,3 +124,28 @@ def test_shipped_tokenizers_agree_with_each_other():
     tok = MultimodalTokenizer.from_dir(TOKENIZERS_DIR / "shapes")
     assert tok.image.codebook_size == tok.vocab.n_image and tok.text.vocab_size == tok.vocab.n_text
     assert tok.tokens_per_image == 64 and (TOKENIZERS_DIR / "shapes" / "vq.safetensors").stat().st_size <= 5_000_000
+
+
+def test_a_vocab_for_another_codebook_than_the_vq_beside_it_is_refused(tmp_path):
+    """Each tool checks the other half of the tokenizer dir it writes into: a mismatch once surfaced only at
+    chameleon-train, whose fix (rebuild vocab.json) would then retrain the text model."""
+    import shutil
+
+    from conftest import compose_config
+
+    from chameleon_lite.cli.tokenizer import build_tokenizer
+    from chameleon_lite.cli.train_vq import train_vq
+    from chameleon_lite.config import TOKENIZERS_DIR, ConfigError
+
+    for name in ("vq.yaml", "vq.safetensors"):  # a 512-code VQ
+        shutil.copy(TOKENIZERS_DIR / "shapes" / name, tmp_path / name)
+    with pytest.raises(ConfigError, match="tokenizer.image_codebook_size=512"):
+        build_tokenizer(compose_config("train_tokenizer", [f"tokenizer.dir={tmp_path}", "tokenizer.image_codebook_size=256"]))
+    assert not (tmp_path / "text.model").exists()
+    vocab_dir = tmp_path / "v"
+    vocab_dir.mkdir()
+    shutil.copy(TOKENIZERS_DIR / "shapes" / "vocab.json", vocab_dir / "vocab.json")  # 512 image ids
+    with pytest.raises(ConfigError, match="vq.model.codebook_size=512"):
+        train_vq(compose_config("train_vq", [f"out_dir={vocab_dir}", f"run_dir={tmp_path / 'run'}",
+                                             "vq.model.codebook_size=256", "overwrite=true"]))
+    assert not (vocab_dir / "vq.safetensors").exists()

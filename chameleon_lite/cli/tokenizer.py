@@ -39,6 +39,13 @@ def build_tokenizer(cfg: DictConfig) -> UnifiedVocab:
         raise ConfigError(f"{' and '.join(existing)} exist(s): models trained on them read their ids. Write a new "
                           "tokenizer elsewhere (tokenizer.name=mine or tokenizer.dir=...), or overwrite=true to "
                           "replace it")
+    if (out_dir / "vq.yaml").is_file():  # the VQ beside it decides how many image ids the vocab needs
+        from chameleon_lite.vq.api import ImageTokenizer
+
+        codes = ImageTokenizer.read_config(out_dir).codebook_size
+        if codes != n_image:
+            raise ConfigError(f"tokenizer.image_codebook_size={n_image}, but the VQ in {out_dir} (vq.yaml) has {codes} "
+                              f"codes: set tokenizer.image_codebook_size={codes}")
     if tok.text_files:
         corpus = iter_text_files(resolve_path(p) for p in tok.text_files)
     else:

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from chameleon_lite.config import ConfigError, hydra_app, require, resolve_path
 from chameleon_lite.train.trainer import build_trainer, resolve_ckpt_path
+from chameleon_lite.vocab import UnifiedVocab
 from chameleon_lite.vq.data import VQDataModule
 from chameleon_lite.vq.module import VQModule
 
@@ -48,6 +49,13 @@ def train_vq(cfg: DictConfig) -> dict[str, Any]:
                           f"{resuming}name the new one (vq.name=mine, exported to tokenizers/mine) or set "
                           f"out_dir=..., or overwrite=true to replace it")
     module = build_vq_module(cfg)
+    vocab_path = resolve_path(cfg.out_dir) / "vocab.json"
+    if cfg.export and vocab_path.is_file():  # the tokenizer dir's id layout: its image block must fit this VQ
+        n_image = UnifiedVocab.load(vocab_path).n_image
+        if n_image != module.config.codebook_size:
+            raise ConfigError(f"{vocab_path} gives images {n_image} ids, but vq.model.codebook_size="
+                              f"{module.config.codebook_size}: train vq.model.codebook_size={n_image}, or export this VQ "
+                              "to a tokenizer dir of its own (out_dir=...) and build its vocab.json there")
     datamodule = VQDataModule(image_size=module.config.image_size, seed=cfg.seed,
                               **OmegaConf.to_container(cfg.data, resolve=True))
     trainer = build_trainer(cfg)

@@ -149,6 +149,18 @@ class ImageTokenizer:
         atomic_write_text(directory / CONFIG_NAME, yaml.safe_dump(document, sort_keys=False))
         return directory
 
+    @staticmethod
+    def _read_document(config_path: Path) -> tuple[VQConfig, dict]:
+        document = yaml.safe_load(config_path.read_text()) or {}
+        if not isinstance(document, dict) or document.get("format") != FORMAT or "model" not in document:
+            raise ValueError(f"{config_path}: not a chameleon-lite VQ config (expected format: {FORMAT})")
+        return VQConfig.from_dict(document["model"]), document
+
+    @classmethod
+    def read_config(cls, directory: str | os.PathLike) -> VQConfig:
+        """The `VQConfig` of the tokenizer in ``directory`` (its ``vq.yaml``), without loading the weights."""
+        return cls._read_document(Path(directory) / CONFIG_NAME)[0]
+
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, device: str | torch.device | None = None,
                         **kwargs: Any) -> ImageTokenizer:
@@ -159,10 +171,8 @@ class ImageTokenizer:
             if not path.is_file():
                 raise FileNotFoundError(f"{path} not found: an image tokenizer directory holds {CONFIG_NAME} and "
                                         f"{WEIGHTS_NAME} (train one with chameleon-train-vq)")
-        document = yaml.safe_load(config_path.read_text()) or {}
-        if not isinstance(document, dict) or document.get("format") != FORMAT or "model" not in document:
-            raise ValueError(f"{config_path}: not a chameleon-lite VQ config (expected format: {FORMAT})")
-        model = VQModel(VQConfig.from_dict(document["model"]))
+        config, document = cls._read_document(config_path)
+        model = VQModel(config)
         try:
             state = load_safetensors(weights_path.read_bytes())
         except SafetensorError as err:
