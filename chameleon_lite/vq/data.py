@@ -171,6 +171,8 @@ class VQDataModule(L.LightningDataModule):
             raise ConfigError(f"data.{self.source}: {len(paths)} images leave {len(train)} for training after "
                               f"{len(val)} held out for validation, fewer than data.batch_size={self.batch_size}: "
                               "add images, or lower data.batch_size / data.val_length")
+        log.info("data.%s: %d images, %d for training and %d held out for validation (data.val_length=%d, at most "
+                 "half of them)", self.source, len(paths), len(train), len(val), self.val_length)
         self.train_set = ImageFileDataset(train, self.image_size, **self.file_options)
         self.val_set = ImageFileDataset(val, self.image_size, **self.file_options)
 

@@ -40,7 +40,7 @@ def test_shapes_default_trains_logs_and_exports(tmp_path):
     assert (run / "checkpoints" / "last.ckpt").is_file()
 
 
-def test_user_folder_with_bad_files_is_skipped_and_counted(tmp_path):
+def test_user_folder_with_bad_files_is_skipped_and_counted(tmp_path, caplog):
     images = tmp_path / "images"
     images.mkdir()
     for i in range(7):
@@ -54,7 +54,9 @@ def test_user_folder_with_bad_files_is_skipped_and_counted(tmp_path):
     expected_skips = sum(p.name in ("broken.jpg", "empty.png") for p in train_files)
     assert expected_skips == 2  # the seeded split holds out two good files
     cfg = compose_config("train_vq", [*overrides, "data.batch_size=" + str(len(train_files))])
-    result = train_vq(cfg)
+    with caplog.at_level("INFO", logger="chameleon_lite.vq.data"):
+        result = train_vq(cfg)
+    assert "data.folder: 9 images, 7 for training and 2 held out for validation" in caplog.text
     assert result["metrics"]["data/skipped_images"] == expected_skips
     assert not (tmp_path / "tok").exists()  # export=false
     strict = compose_config("train_vq", [*overrides, "data.batch_size=" + str(len(train_files)), "data.strict=true",
