@@ -77,12 +77,12 @@ RESUME_FREE = {"model": {"attn_impl", "grad_checkpointing"},
                         "val_path", "val_shards", "n_val", "val_rows"}}
 
 
-def _differences(old: Any, new: Any, prefix: str, free: frozenset[str] | set[str] = frozenset()) -> list[str]:
+def setting_differences(old: Any, new: Any, prefix: str, free: frozenset[str] | set[str] = frozenset()) -> list[str]:
     """Settings that differ, but for the `free` keys of the top level; a key the checkpoint does not record
     (written before the key existed) is not one."""
     if isinstance(old, dict) and isinstance(new, dict):
         return [d for key in sorted(old, key=str) if key not in free
-                for d in _differences(old[key], new.get(key), f"{prefix}.{key}")]
+                for d in setting_differences(old[key], new.get(key), f"{prefix}.{key}")]
     return [] if old == new else [f"{prefix}: {old!r} in the checkpoint, {new!r} now"]
 
 
@@ -103,7 +103,7 @@ def check_resume(ckpt_file: str, module: ChameleonLightningModule, dm: Chameleon
     differences = []
     for key in ("model", "optim", "training_data", "data", "seed"):  # the seed draws the task mix and row order
         if key in old:  # (a checkpoint from before the key was recorded has none)
-            differences += _differences(old[key], new.get(key), key, RESUME_FREE.get(key, frozenset()))
+            differences += setting_differences(old[key], new.get(key), key, RESUME_FREE.get(key, frozenset()))
     if changed := changed_tokenizer_files(old.get("tokenizers"), module.tokenizer_dir):
         differences.append(f"tokenizer.dir={module.tokenizer_dir}: its {' / '.join(changed)} are not those the run "
                            f"trained with (in tokenizer.dir={saved.get('tokenizer_dir')} then)")
@@ -112,7 +112,7 @@ def check_resume(ckpt_file: str, module: ChameleonLightningModule, dm: Chameleon
         if was.pop("accumulate_grad_batches", None) not in (None, now["accumulate_grad_batches"]):
             log.warning("resuming %s with trainer.accumulate_grad_batches=%s (the run used %s): another global batch",
                         ckpt_file, now["accumulate_grad_batches"], saved["trainer_settings"]["accumulate_grad_batches"])
-        differences += _differences(was, now, "trainer")
+        differences += setting_differences(was, now, "trainer")
     if old.get("train_rows_digest") not in (None, new.get("train_rows_digest")):
         log.warning("resuming %s: the training data changed since the checkpoint under the same settings (a data "
                     "file or image edited?): the epoch it continues is re-packed from the new data, so some of its "

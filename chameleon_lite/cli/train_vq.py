@@ -16,6 +16,8 @@ from typing import Any
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
+from chameleon_lite.checkpoint import safe_torch_load
+from chameleon_lite.cli.train import setting_differences
 from chameleon_lite.config import ConfigError, hydra_app, require, resolve_path
 from chameleon_lite.train.trainer import build_trainer, resolve_ckpt_path
 from chameleon_lite.vocab import UnifiedVocab
@@ -30,6 +32,16 @@ def build_vq_module(cfg: DictConfig) -> VQModule:
     container = OmegaConf.to_container(cfg, resolve=True)
     return VQModule(model=container["vq"]["model"], loss=container["vq"].get("loss") or {},
                     usage_window=cfg.usage_window, grid_images=cfg.grid_images, **container["optim"])
+
+
+def check_vq_resume(ckpt_file: str, module: VQModule) -> None:
+    """A resumed VQ must have the checkpoint's architecture: with another ``vq.model.*`` Lightning would stop on
+    a tensor size mismatch. Raises a `ConfigError` listing each setting that differs."""
+    saved = safe_torch_load(ckpt_file, mmap=True).get("hyper_parameters", {})
+    differences = setting_differences(saved.get("model", {}), dict(module.hparams["model"]), "vq.model")
+    if differences:
+        raise ConfigError(f"ckpt_path={ckpt_file} was trained with another VQ: {'; '.join(differences)}. Resume with "
+                          "the run's original overrides, or start a new run (another run_name)")
 
 
 def train_vq(cfg: DictConfig) -> dict[str, Any]:
@@ -63,7 +75,10 @@ def train_vq(cfg: DictConfig) -> dict[str, Any]:
              sum(p.numel() for p in module.model.parameters()) / 1e6, module.config.image_size,
              module.config.grid_size, module.config.grid_size, module.config.codebook_size)
     start = time.time()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg.ckpt_path, run_dir))
+    ckpt_file = resolve_ckpt_path(cfg.ckpt_path, run_dir)
+    if ckpt_file is not None:
+        check_vq_resume(ckpt_file, module)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_file)
     wall = time.time() - start
     result: dict[str, Any] = {"run_dir": str(run_dir), "global_step": trainer.global_step, "wall_time_s": wall,
                               "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()}}

@@ -231,12 +231,12 @@ def test_tied_embeddings_export_and_load_back(tiny_train_cfg, tmp_path):
 
 
 def test_resume_differences_ignore_what_an_older_checkpoint_does_not_record():
-    from chameleon_lite.cli.train import _differences
+    from chameleon_lite.cli.train import setting_differences
 
     old = {"dim": 64, "qk_norm": True}  # written before image_pos_embed existed
-    assert _differences(old, {"dim": 64, "qk_norm": True, "image_pos_embed": False}, "model") == []
-    assert _differences(old, {"dim": 32, "qk_norm": True}, "model") == ["model.dim: 64 in the checkpoint, 32 now"]
-    assert _differences({"lr": 3e-3, "betas": [0.9, 0.95]}, {"lr": 0.003, "betas": [0.9, 0.95]}, "optim") == []
+    assert setting_differences(old, {"dim": 64, "qk_norm": True, "image_pos_embed": False}, "model") == []
+    assert setting_differences(old, {"dim": 32, "qk_norm": True}, "model") == ["model.dim: 64 in the checkpoint, 32 now"]
+    assert setting_differences({"lr": 3e-3, "betas": [0.9, 0.95]}, {"lr": 0.003, "betas": [0.9, 0.95]}, "optim") == []
 
 
 def test_other_tokenizer_files_of_the_same_vocab_layout_are_refused_on_resume_and_named_elsewhere(

@@ -85,3 +85,14 @@ def test_an_existing_tokenizer_is_only_replaced_when_asked(tmp_path):
         train_vq(cfg)
     assert not (tmp_path / "run").exists()  # refused before training
     assert (tmp_path / "tok" / "vq.safetensors").read_bytes().startswith(b"the tokenizer")
+
+
+def test_a_resume_with_another_vq_architecture_is_refused_naming_the_setting(tmp_path):
+    """It stopped inside Lightning's checkpoint restore with a tensor size mismatch."""
+    common = [*TINY_VQ, f"run_dir={tmp_path / 'run'}", "export=false"]
+    train_vq(compose_config("train_vq", common))
+    with pytest.raises(ConfigError, match=r"vq.model.codebook_size: 32 in the checkpoint, 16 now"):
+        train_vq(compose_config("train_vq", [*common, "ckpt_path=last", "trainer.max_steps=6",
+                                             "vq.model.codebook_size=16"]))
+    result = train_vq(compose_config("train_vq", [*common, "ckpt_path=last", "trainer.max_steps=6"]))
+    assert result["global_step"] == 6
