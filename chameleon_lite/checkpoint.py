@@ -88,6 +88,17 @@ def export_weights(module, out_dir: Path, tokenizer_dir: str | os.PathLike,
     return out_dir
 
 
+def _read_json(path: Path) -> dict:
+    """A model directory's ``config.json`` as a dict; anything else is a `CheckpointError` naming the file."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: not a readable JSON config ({err})") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: not a model config (a JSON object), got {type(value).__name__}")
+    return value
+
+
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[ChameleonLM, UnifiedVocab, dict]:
     """Load a ``.ckpt`` file, an exported directory or a Hugging Face Chameleon directory (``chameleon-export-hf``'s,
     or one written by ``transformers``; needs the ``hf`` extra) -> (model in eval mode, vocab, metadata)."""
@@ -97,7 +108,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
                                 "or an exported runs/<run>/model directory)")
     if path.is_dir():
         cfg_path, weights = path / "config.json", path / "model.safetensors"
-        if cfg_path.is_file() and json.loads(cfg_path.read_text()).get("model_type"):  # transformers' config
+        if cfg_path.is_file() and _read_json(cfg_path).get("model_type"):  # transformers' config
             try:
                 from chameleon_lite.interop.hf import import_hf
             except ImportError as err:
@@ -107,7 +118,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
             return model.to(device).eval(), vocab, meta
         if not cfg_path.is_file() or not weights.is_file():
             raise CheckpointError(f"{path} is not an exported model directory (needs config.json and model.safetensors)")
-        meta = json.loads(cfg_path.read_text())
+        meta = _read_json(cfg_path)
         state = load_file(str(weights))
     else:
         ckpt = safe_torch_load(path)

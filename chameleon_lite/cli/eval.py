@@ -49,8 +49,8 @@ def protocol(cfg: DictConfig) -> dict:
         # the default ranking (or none): the protocol of results written before the option existed
         settings.pop("image_rerank")
         settings.pop("image_rerank_edits")
-    if settings.get("sample_seed", 0) is None:  # the noise of `seed`: the protocol of results from before the key
-        settings.pop("sample_seed")
+    if "sample_seed" in settings and settings["sample_seed"] in (None, cfg.seed):  # the noise of `seed`: the
+        settings.pop("sample_seed")                                              # protocol of results before the key
     if "scene_search" in settings and settings["scene_search"]["rounds"] == 0:
         settings["scene_search"] = {"rounds": 0}
     return {"split": "val" if cfg.task == "perplexity" else cfg.split, "settings": settings,

@@ -47,7 +47,7 @@ def export_checkpoint(cfg: DictConfig) -> Path:
         vq = ImageTokenizer.from_pretrained(resolve_path(tokenizer_dir)).model
     out_dir = export_hf(model, vocab, resolve_path(out), vq=vq, drop_resid_dropout=cfg.drop_resid_dropout,
                         dtype=DTYPES[dtype], overwrite=cfg.overwrite, source=str(ckpt),
-                        tokenizer_dir=tokenizer_dir)
+                        tokenizer_dir=tokenizer_dir, record=meta)
     print(f"wrote {out_dir} (load it with transformers.ChameleonForConditionalGeneration.from_pretrained)")
     return out_dir
 

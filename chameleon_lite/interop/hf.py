@@ -194,10 +194,16 @@ def from_hf(hf_model: ChameleonForConditionalGeneration, *, expected: ModelConfi
     return _build(hf_model.config, hf_model.state_dict(), expected, vocab, "the HF model")
 
 
+#: What a model's metadata records of its training, kept through an HF export (``record``) and returned by
+#: `import_hf`: the tokenizer files' digests, the training data, the weights it started from.
+RECORD_KEYS = ("tokenizers", "training_data", "init_from")
+
+
 def export_hf(model: ChameleonLM, vocab: UnifiedVocab, out_dir: str | os.PathLike, *,
               vq: VQModel | None = None, drop_resid_dropout: bool = False,
               dtype: torch.dtype = torch.float32, overwrite: bool = False,
-              source: str | None = None, tokenizer_dir: str | None = None) -> Path:
+              source: str | None = None, tokenizer_dir: str | None = None,
+              record: Mapping[str, Any] | None = None) -> Path:
     """Write `out_dir` so that `ChameleonForConditionalGeneration.from_pretrained(out_dir)` loads `model`.
 
     Files: config.json (HF config + "chameleon_lite" block), model.safetensors (weights in `dtype`),
@@ -206,7 +212,8 @@ def export_hf(model: ChameleonLM, vocab: UnifiedVocab, out_dir: str | os.PathLik
     HF gets a placeholder vq_config with the right codebook size and random VQ weights. Image tokens are
     still ordinary ids (`vocab.image_offset + code`) HF reads and, unmasked, predicts. No tokenizer is
     written: text ids are chameleon-lite's sentencepiece ids + `vocab.text_offset`; `source` and
-    `tokenizer_dir` are recorded in the "chameleon_lite" block (`import_hf` returns `tokenizer_dir`).
+    `tokenizer_dir` are recorded in the "chameleon_lite" block (`import_hf` returns `tokenizer_dir`), with the
+    `RECORD_KEYS` of ``record`` (the source model's metadata: tokenizer digests, training data, init_from).
     Raises `HFInteropError` for options HF cannot represent (see `hf_config_from_model`) or a non-empty
     `out_dir` without `overwrite`.
     """
@@ -216,7 +223,8 @@ def export_hf(model: ChameleonLM, vocab: UnifiedVocab, out_dir: str | os.PathLik
     vq_config, vq_state, note = _vq_export(vq, vocab)
     hf_config = hf_config_from_model(
         model.cfg, vocab, drop_resid_dropout=drop_resid_dropout, vq_config=vq_config,
-        metadata={"image_encoder": note, "source": source, "tokenizer_dir": tokenizer_dir})
+        metadata={"image_encoder": note, "source": source, "tokenizer_dir": tokenizer_dir,
+                  **{k: v for k, v in (record or {}).items() if k in RECORD_KEYS and v}})
     hf_config.dtype = dtype
     if not vq_state:
         log.warning("image encoder %s", note)
@@ -252,7 +260,8 @@ def import_hf(path: str | os.PathLike, *, expected: ModelConfig | None = None,
     model, vocab = _build(hf_config, _read_weights(path), expected, vocab, str(path))
     meta = metadata_block(hf_config)
     return model, vocab, {"model": dataclasses.asdict(model.cfg), "vocab": vocab.to_dict(),
-                          "tokenizer_dir": meta.get("tokenizer_dir"), "source": str(path)}
+                          "tokenizer_dir": meta.get("tokenizer_dir"), "source": str(path),
+                          **{k: meta[k] for k in RECORD_KEYS if meta.get(k)}}
 
 
 # --------------------------------------------------------------------------------------------- helpers

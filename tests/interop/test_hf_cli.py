@@ -104,3 +104,25 @@ def test_an_hf_directory_loads_where_a_model_is_asked_for(trained, tmp_path):
     ids = torch.randint(0, vocab.size, (1, 12))
     torch.testing.assert_close(loaded(ids), model(ids), atol=1e-5, rtol=1e-5)
     assert not loaded.training and meta["tokenizer_dir"] == str((tmp_path / "tok").resolve())
+
+
+def test_an_hf_export_keeps_the_models_record(trained, tmp_path):
+    """Tokenizer digests and training data survive the export, so loading the HF directory checks them too."""
+    from chameleon_lite.interop.hf import export_hf
+
+    model, _ = trained
+    vocab = UnifiedVocab(n_text=40, n_image=16, n_reserved=2, pad_to_multiple=8)
+    record = {"tokenizers": {"vq.yaml": "0123456789abcdef"}, "training_data": {"source": "jsonl"}, "other": 1}
+    out = export_hf(model, vocab, tmp_path / "hf", record=record, drop_resid_dropout=True)
+    _, _, meta = import_hf(out)
+    assert meta["tokenizers"] == record["tokenizers"] and meta["training_data"] == record["training_data"]
+    assert "other" not in meta
+
+
+@pytest.mark.parametrize("text", ["{", "[1, 2]"])
+def test_a_broken_config_json_is_a_checkpoint_error(tmp_path, text):
+    from chameleon_lite.checkpoint import CheckpointError, load_model
+
+    (tmp_path / "config.json").write_text(text)
+    with pytest.raises(CheckpointError, match="config.json"):
+        load_model(tmp_path)
