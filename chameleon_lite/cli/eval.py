@@ -117,7 +117,7 @@ def _generator(cfg: DictConfig):
     if not cfg.ckpt:
         raise ConfigError(f"task={cfg.task} needs ckpt=path/to/last.ckpt (or an exported model dir)")
     return Generator.load(resolve_path(cfg.ckpt), device=cfg.device, quantize=cfg.quantize,
-                         compile=cfg.compile)
+                         compile=cfg.compile, cuda_graphs=cfg.cuda_graphs)
 
 
 def _grid(examples: list, path: Path, n: int) -> str:

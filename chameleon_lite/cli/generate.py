@@ -75,7 +75,7 @@ def generate(cfg: DictConfig) -> dict:
     out_dir = resolve_path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     gen = Generator.load(resolve_path(cfg.ckpt), cfg.tokenizer_dir, device=cfg.device, quantize=cfg.quantize,
-                         compile=cfg.compile)
+                         compile=cfg.compile, cuda_graphs=cfg.cuda_graphs)
     record: dict = {"task": cfg.task, "ckpt": str(cfg.ckpt), "seed": cfg.seed}
     if cfg.task == "t2i":
         if negatives:

@@ -65,21 +65,23 @@ class Generator:
     """Sampling tasks over a model and its tokenizers. ``quantize="int8"``: sample from an int8
     weight-only copy of the model (`chameleon_lite.generation.quantize`; faster batch-1 decoding on CPU,
     logits within ~1-2%); ``self.model`` stays the float model. ``compile``: each decode step as one
-    ``torch.compile`` graph (`Sampler`; pays off for long or many sampling calls in one process)."""
+    ``torch.compile`` graph (`Sampler`; pays off for long or many sampling calls in one process).
+    ``cuda_graphs``: on CUDA, each decode step recorded once as a CUDA graph and replayed (`Sampler`)."""
 
     def __init__(self, model: ChameleonLM, tokenizer: MultimodalTokenizer, quantize: str | None = None,
-                 compile: bool = False):
+                 compile: bool = False, cuda_graphs: bool = False):
         self.model = model.eval()
         self.tok = tokenizer
         self.vocab = tokenizer.vocab
         self.builder = tokenizer.builder()
         self.meta: dict = {}  # what `load` read beside the weights (e.g. "training_data")
         self.sampler = Sampler(apply_quantize(self.model, quantize), tokenizer.vocab, tokenizer.tokens_per_image,
-                               compile=compile)
+                               compile=compile, cuda_graphs=cuda_graphs)
 
     @classmethod
     def load(cls, ckpt: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None,
-             device: str | torch.device = "cpu", quantize: str | None = None, compile: bool = False) -> Generator:
+             device: str | torch.device = "cpu", quantize: str | None = None, compile: bool = False,
+             cuda_graphs: bool = False) -> Generator:
         """Load a ``.ckpt`` or exported model dir and its tokenizers (the dir recorded at training time
         unless ``tokenizer_dir`` is given); a vocab mismatch between the two is an error naming both.
         The model attends with SDPA whatever backend it trained with: sampling and scoring run padded or
@@ -97,7 +99,7 @@ class Generator:
             log.warning("%s was trained with other %s than %s holds now (retrained in place, or another "
                         "tokenizer dir of the same vocab layout): prompts and images are read and written with "
                         "tokenizers the model does not know", ckpt, " / ".join(changed), tok_dir)
-        gen = cls(model, tok, quantize=quantize, compile=compile)
+        gen = cls(model, tok, quantize=quantize, compile=compile, cuda_graphs=cuda_graphs)
         gen.meta = meta
         return gen
 

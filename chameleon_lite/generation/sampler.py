@@ -37,8 +37,9 @@ from __future__ import annotations
 import inspect
 import logging
 import math
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+import re
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from enum import IntEnum
 from typing import Any
 
@@ -59,6 +60,9 @@ CACHE_SLOTS_MULTIPLE = 64
 # need one more decodes eagerly from then on (same tokens). Dynamo's own limit, 8, is reached by a session that
 # samples a few batch sizes; past this one, new compiles (~10-20 s each on CPU) would cost more than they save.
 COMPILED_GRAPHS_LIMIT = 64
+# With `cuda_graphs=True` (on CUDA): decode buffers (KV cache, positions) kept for this many
+# (model rows, cache slots) shapes, so repeated calls of one shape replay the graphs recorded on them.
+MAX_BUFFER_SETS = 4
 
 # Internal mode index of a row, ``left.sign() + 1``: rows of `_Rules.bias` and of the per-mode parameters.
 _TEXT, _END_IMAGE, _IMAGE = 0, 1, 2
@@ -90,6 +94,13 @@ def _recompile_limit() -> dict[str, Any]:
 _RECOMPILE_LIMIT_HIT = tuple(getattr(torch._dynamo.exc, name) for name in ("FailOnRecompileLimitHit",
                                                                            "FailOnCacheLimitHit")
                              if hasattr(torch._dynamo.exc, name))
+
+
+def _error_line(err: BaseException) -> str:
+    """The line of a (compiler) error that says what failed: its last ``SomeError: ...`` line, else its first."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    named = [line for line in lines if re.match(r"^[\w.]*(Error|Exception): ", line)]
+    return named[-1] if named else (lines[0] if lines else type(err).__name__)
 
 
 def _scale_by_temperature(scores: Tensor, inv_temperature: Tensor) -> Tensor:
@@ -220,6 +231,74 @@ class _Decoding:
     previous: Tensor | None = None  # (B,) int64: the tokens of the last step, fed to the model next
 
 
+@dataclass
+class _Buffers:
+    """Decode buffers a CUDA-graph `Sampler` keeps for one shape; ``busy``: a call is decoding in them;
+    ``graphs``: the steps recorded on them (`_StepGraph.key`)."""
+
+    cache: KVCache
+    positions: Tensor
+    busy: bool = False
+    graphs: dict[tuple, _StepGraph] = field(default_factory=dict)
+
+
+class _StepGraph:
+    """One decode step (`Sampler._feed_and_draw` or its compiled graph: ``step()`` returns the one in use)
+    recorded as a CUDA graph.
+
+    It reads its own copies of the per-call inputs (the previous tokens, noise, modality state, rules),
+    refreshed before each replay, and the kept KV cache and positions, which it advances in place as the
+    eager step does. Recording first runs the step once on a side stream (lazy initialisation must not
+    happen during capture), then rewinds the state that run advanced; the slot it wrote is written again
+    by the first replay."""
+
+    def __init__(self, step: Callable[[], Callable], run: _Decoding, previous: Tensor, head: slice | None,
+                 noise: Tensor | None):
+        self.run = replace(run, left=run.left.clone(), done=run.done.clone(),
+                           rules=replace(run.rules, **{f: getattr(run.rules, f).clone() for f in _RULE_TENSORS}))
+        self.rules_of = run.rules  # the rules object last copied in
+        self.previous, self.noise = previous.clone(), None if noise is None else noise.clone()
+        cache = run.cache
+        advanced = [t for t in (cache.length, run.positions, cache.image_run) if t is not None]
+        saved = [t.clone() for t in advanced]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # `step()` again below: a compiled step that failed to build is now eager
+            step()(self.run, self.previous, head, self.noise)
+        torch.cuda.current_stream().wait_stream(side)
+        for tensor, value in zip(advanced, saved):
+            tensor.copy_(value)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.outputs = step()(self.run, self.previous, head, self.noise)
+
+    @staticmethod
+    def key(run: _Decoding, head: slice | None, noise: Tensor | None) -> tuple:
+        """What a recorded step depends on beyond tensor values: the head slice, the guidance rows and
+        scales, and which optional ops run (the shapes are those of the buffers the graph belongs to)."""
+        c, r = run.cfg, run.rules
+        head_key = None if head is None else (head.start, head.stop)
+        return (head_key, noise is not None, c.cfg_scale, c.cfg_image_scale, c.negative_scale, c.text_cfg_scale,
+                r.any_sample, r.any_filter)
+
+    def __call__(self, run: _Decoding, previous: Tensor, noise: Tensor | None) -> tuple[Tensor, ...]:
+        mine = self.run
+        if run.rules is not self.rules_of:
+            for f in _RULE_TENSORS:
+                getattr(mine.rules, f).copy_(getattr(run.rules, f))
+            self.rules_of = run.rules
+        mine.left.copy_(run.left)
+        mine.done.copy_(run.done)
+        self.previous.copy_(previous)
+        if noise is not None:
+            self.noise.copy_(noise)
+        self.graph.replay()
+        return tuple(t.clone() for t in self.outputs)  # the next replay overwrites the graph's own
+
+
+_RULE_TENSORS = ("bias", "inv_temperature", "sample", "top_k", "top_p", "stop", "image_context")
+
+
 class Sampler:
     """Draws new tokens for token-id prompts from a `ChameleonLM` (see the module docstring).
 
@@ -231,10 +310,18 @@ class Sampler:
     ~10-20 s on 2 CPU cores, on CPU with inductor's C++ wrapper. Same tokens as eager. Batch-1 decoding on
     CPU: 1.3x eager with fp32 weights, 3.2x with int8 ones (``benchmarks/bench_decode.py``). A step that
     would need more than `COMPILED_GRAPHS_LIMIT` graphs switches the sampler to eager decoding, with one
-    logged warning.
+    logged warning, as does a step that torch.compile fails to build (a compiler bug: torch 2.11's Triton
+    failed on one fused kernel of it on an H100).
+
+    ``cuda_graphs`` (CUDA only; ignored elsewhere): record each decode step, eager or compiled, as a CUDA
+    graph once per shape and head slice, then replay it: one launch per step instead of one per kernel,
+    which is what small models decode at on a GPU. Same tokens as eager. The decode buffers (KV cache,
+    positions) then stay allocated between calls, `MAX_BUFFER_SETS` shapes, so the graphs recorded on them
+    replay in later calls. A step that cannot be recorded decodes eagerly, with one logged warning.
     """
 
-    def __init__(self, model: ChameleonLM, vocab: UnifiedVocab, tokens_per_image: int, compile: bool = False):
+    def __init__(self, model: ChameleonLM, vocab: UnifiedVocab, tokens_per_image: int, compile: bool = False,
+                 cuda_graphs: bool = False):
         if model.cfg.vocab_size != vocab.size:
             raise ValueError(f"the model has vocab_size={model.cfg.vocab_size} but the vocab has size "
                              f"{vocab.size} ({vocab.layout.describe()}): use the vocab the model was "
@@ -242,8 +329,16 @@ class Sampler:
         _check_int("tokens_per_image", tokens_per_image, minimum=1)
         self.model, self.vocab, self.tokens_per_image = model, vocab, tokens_per_image
         self._decode_call = self._feed_and_draw
+        device = next(model.parameters()).device
+        # CUDA graphs replay a step's kernels reading and writing fixed addresses: the decode state that steps
+        # write in place (KV cache, positions) then lives in buffers kept across calls, one set per shape
+        self.cuda_graphs = cuda_graphs and device.type == "cuda"
+        if cuda_graphs and not self.cuda_graphs:
+            log.warning("cuda_graphs=True is ignored: the model is on %s, and CUDA graphs record CUDA work only",
+                        device)
+        self._buffers: dict[tuple[int, int], _Buffers] = {}
         if compile:  # fixed shapes (KVCache.fix_shapes): one graph per head slice, compiled on first use
-            options = {"cpp_wrapper": True} if next(model.parameters()).device.type == "cpu" else {}
+            options = {"cpp_wrapper": True} if device.type == "cpu" else {}
             self._compiled_feed_and_draw = torch.compile(
                 self._feed_and_draw, fullgraph=True, dynamic=False, options=options, **_recompile_limit())
             self._decode_call = self._compiled_or_eager_feed_and_draw
@@ -256,11 +351,14 @@ class Sampler:
         ``negatives``: one negative prompt per prompt, needed exactly when ``cfg.negative_scale`` is set; each
         must leave the same image open as its prompt (for text -> image both end in ``<boi>``)."""
         run = self._prefill(prompts, cfg, negatives)
-        for step in range(cfg.max_new_tokens):
-            self._step(run, step)
-            if (step + 1) % ALL_DONE_CHECK_EVERY == 0 and bool(run.done.all()):
-                break
-        return [row[:n] for row, n in zip(run.out.tolist(), run.lengths.tolist())]
+        try:
+            for step in range(cfg.max_new_tokens):
+                self._step(run, step)
+                if (step + 1) % ALL_DONE_CHECK_EVERY == 0 and bool(run.done.all()):
+                    break
+            return [row[:n] for row, n in zip(run.out.tolist(), run.lengths.tolist())]
+        finally:
+            self._release(run)
 
     def stream(self, prompts: Sequence[Sequence[int]], cfg: SamplingConfig,
                negatives: Sequence[Sequence[int]] | None = None) -> Iterator[StepEvent]:
@@ -269,13 +367,16 @@ class Sampler:
         Same tokens as `generate` for the same arguments. Each event reads the step back to the host.
         """
         run = self._prefill(prompts, cfg, negatives)
-        for step in range(cfg.max_new_tokens):
-            tokens, mode_index, was_done = self._step(run, step)
-            modes = torch.where(was_done, Mode.DONE, (mode_index != _TEXT).long())
-            finished = run.done.tolist()
-            yield StepEvent(step, tokens.tolist(), [Mode(m) for m in modes.tolist()], finished)
-            if all(finished):
-                return
+        try:
+            for step in range(cfg.max_new_tokens):
+                tokens, mode_index, was_done = self._step(run, step)
+                modes = torch.where(was_done, Mode.DONE, (mode_index != _TEXT).long())
+                finished = run.done.tolist()
+                yield StepEvent(step, tokens.tolist(), [Mode(m) for m in modes.tolist()], finished)
+                if all(finished):
+                    return
+        finally:  # also when the caller stops early (close() or garbage collection of the generator)
+            self._release(run)
 
     # ----------------------------------------------------------------------------------- prefill
     @torch.inference_mode()
@@ -311,21 +412,48 @@ class Sampler:
         positions = (torch.arange(width) - (width - lengths)[:, None]).clamp(min=0)  # (G*B, width)
 
         slots = -(-(width + cfg.max_new_tokens - 1) // CACHE_SLOTS_MULTIPLE) * CACHE_SLOTS_MULTIPLE
-        cache = self.model.init_kv_cache(len(rows), slots, device=device)
+        cache, next_positions = self._decode_buffers(len(rows), slots, device)
         logits = self.model(ids.to(device), positions=positions.to(device), kv_cache=cache,
                             token_mask=token_mask.to(device), logits_to_keep=1)[:, -1].float()
         cache.fix_shapes()  # every decode step now has the same shapes (one compiled graph)
+        next_positions.copy_(lengths)
         generator = torch.Generator(device=device)
         generator.manual_seed(cfg.seed)
         n = len(prompts)
         return _Decoding(
             cfg=cfg, rules=self._rules(cfg, device, images_reachable=cfg.allow_images or max(left) >= 0),
             cache=cache, generator=generator, logits=logits,
-            positions=lengths.to(device), left=torch.tensor(left, device=device),
+            positions=next_positions, left=torch.tensor(left, device=device),
             done=torch.zeros(n, dtype=torch.bool, device=device),
             lengths=torch.zeros(n, dtype=torch.long, device=device),
             out=torch.full((n, cfg.max_new_tokens), self.vocab.pad_id, dtype=torch.long, device=device),
         )
+
+    def _decode_buffers(self, rows: int, slots: int, device: torch.device) -> tuple[KVCache, Tensor]:
+        """An empty KV cache of ``rows`` x ``slots`` and a (rows,) int64 positions tensor: new ones, or with
+        `cuda_graphs` the ones of the last call of this shape, reset (the CUDA graphs recorded on them then
+        replay as they are), unless a call still decoding (an unfinished `stream`) holds them: that call gets
+        new ones and decodes without graphs. `MAX_BUFFER_SETS` shapes are kept, the oldest dropped first
+        with its graphs."""
+        if not self.cuda_graphs:
+            return self.model.init_kv_cache(rows, slots, device=device), torch.zeros(rows, dtype=torch.long,
+                                                                                      device=device)
+        key = (rows, slots)
+        kept = self._buffers.get(key)
+        if kept is not None and kept.busy:  # another call is mid-way: fresh, unkept ones
+            return self.model.init_kv_cache(rows, slots, device=device), torch.zeros(rows, dtype=torch.long,
+                                                                                      device=device)
+        if kept is None:
+            kept = _Buffers(self.model.init_kv_cache(rows, slots, device=device),
+                            torch.zeros(rows, dtype=torch.long, device=device))
+        else:
+            kept.cache.reset()
+        self._buffers.pop(key, None)
+        self._buffers[key] = kept  # most recent last
+        kept.busy = True  # until the call ends (`_release`)
+        while len(self._buffers) > MAX_BUFFER_SETS:
+            self._buffers.pop(next(iter(self._buffers)))
+        return kept.cache, kept.positions
 
     def _check_prompt(self, index: int, prompt: Sequence[int], cfg: SamplingConfig,
                       what: str = "prompt") -> list[int]:
@@ -443,17 +571,47 @@ class Sampler:
             tokens, mode, run.done, run.left = self._draw(run, run.logits, noise)
         else:
             head = self._head_slice(run.left)
-            run.logits, tokens, mode, run.done, run.left = self._decode_call(run, run.previous, head, noise)
+            graph = self._step_graph(run, head, noise) if self.cuda_graphs else None
+            if graph is not None:
+                outputs = graph(run, run.previous, noise)
+            else:
+                outputs = self._decode_call(run, run.previous, head, noise)
+            run.logits, tokens, mode, run.done, run.left = outputs
         run.out[:, step] = tokens
         run.previous = tokens  # a contiguous (B,) tensor, as the compiled step was traced with
         run.lengths += ~was_done
         return tokens, mode, was_done
 
+    def _release(self, run: _Decoding) -> None:
+        """The call of ``run`` has ended: its kept buffers, if any, may serve the next call."""
+        kept = self._buffers.get((run.positions.shape[0], run.cache.max_len))
+        if kept is not None and kept.cache is run.cache:
+            kept.busy = False
+
+    def _step_graph(self, run: _Decoding, head: slice | None, noise: Tensor | None) -> _StepGraph | None:
+        """The recorded step for this call's kept buffers, recorded now if new; None if the call decodes in
+        buffers that are not kept (another call held them) or recording failed (then `cuda_graphs` is
+        switched off, with a warning)."""
+        kept = self._buffers.get((run.positions.shape[0], run.cache.max_len))
+        if kept is None or kept.cache is not run.cache:
+            return None
+        key = _StepGraph.key(run, head, noise)
+        if key not in kept.graphs:
+            try:
+                kept.graphs[key] = _StepGraph(lambda: self._decode_call, run, run.previous, head, noise)
+            except Exception as err:  # noqa: BLE001 - any capture failure: decode as before, say why once
+                torch.cuda.synchronize()
+                log.warning("CUDA-graph decoding is off for this sampler: recording a decode step failed (%s); "
+                            "decoding without graphs (same tokens, slower)", _error_line(err))
+                self.cuda_graphs = False
+                return None
+        return kept.graphs[key]
+
     def _compiled_or_eager_feed_and_draw(self, run: _Decoding, previous: Tensor, head: slice | None,
                                          noise: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """`_feed_and_draw` through its compiled graphs; from the first step that would need a graph past
-        `COMPILED_GRAPHS_LIMIT` (or dynamo's process-wide cap), eagerly. Dynamo refuses before running
-        anything, so the step then runs once, eagerly, on the untouched state."""
+        `COMPILED_GRAPHS_LIMIT` (or dynamo's process-wide cap), or that the compiler fails to build, eagerly.
+        Both fail before the graph runs anything, so the step then runs once, eagerly, on the untouched state."""
         try:
             return self._compiled_feed_and_draw(run, previous, head, noise)
         except _RECOMPILE_LIMIT_HIT:
@@ -461,8 +619,11 @@ class Sampler:
                         "size, cache size and head slice): this sampler decodes eagerly from now on (same "
                         "tokens, slower); sample with fewer distinct batch sizes to stay compiled",
                         COMPILED_GRAPHS_LIMIT)
-            self._decode_call = self._feed_and_draw
-            return self._feed_and_draw(run, previous, head, noise)
+        except torch._dynamo.exc.BackendCompilerFailed as err:
+            log.warning("torch.compile failed to build a decode step (%s): this sampler decodes eagerly from now "
+                        "on (same tokens, slower); compile=false avoids the attempt", _error_line(err))
+        self._decode_call = self._feed_and_draw
+        return self._feed_and_draw(run, previous, head, noise)
 
     def _feed_and_draw(self, run: _Decoding, previous: Tensor, head: slice | None,
                        noise: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:

@@ -137,6 +137,9 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: AttnMask, attn_impl: str, drop
     if attn_impl == "xformers":
         xops = xformers_ops(q.device)
         batch, seq_len, n_heads, head_dim = q.shape
+        if torch.is_autocast_enabled(q.device.type):  # autocast casts SDPA's inputs, not xformers': QK-norm
+            dtype = torch.get_autocast_dtype(q.device.type)  # leaves q, k in float32 beside a bf16 v
+            q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         if k.shape[2] != n_heads:  # xformers' GQA layout is forward-only: expand k/v to H heads
             k = k.repeat_interleave(n_heads // k.shape[2], dim=2)
             v = v.repeat_interleave(n_heads // v.shape[2], dim=2)
@@ -185,15 +188,34 @@ class KVCache:
     valid: Tensor
     length: int | Tensor = 0
     image_run: Tensor | None = None  # (B,) int64: image codes at the end of each row so far (image_pos_embed)
+    length_buffer: Tensor | None = None  # 0-dim int64 that `fix_shapes` reuses (a fixed address: CUDA graphs)
 
     @property
     def max_len(self) -> int:
         return self.valid.shape[1]
 
     def fix_shapes(self) -> None:
-        """Keep `length` as a device tensor from now on (see the class docstring)."""
+        """Keep `length` as a device tensor from now on (see the class docstring): `length_buffer`, made
+        on first use, so a cache reset and reused keeps every tensor at the same address."""
         if not isinstance(self.length, Tensor):
-            self.length = torch.tensor(self.length, device=self.valid.device)
+            if self.length_buffer is None:
+                self.length_buffer = torch.zeros((), dtype=torch.long, device=self.valid.device)
+            self.length = self.length_buffer.fill_(self.length)
+
+    def reset(self) -> None:
+        """Empty the cache for another run of the same shape, in place (old keys and values stay behind
+        the validity mask, never read)."""
+        self.valid.zero_()
+        if self.image_run is not None:
+            self.image_run.zero_()
+        self.length = 0
+
+    def tensors(self) -> list[Tensor]:
+        """Every tensor a fixed-shape decode step reads or writes in place (`length_buffer` made)."""
+        if self.length_buffer is None:
+            self.length_buffer = torch.zeros((), dtype=torch.long, device=self.valid.device)
+        extra = [self.image_run] if self.image_run is not None else []
+        return [*self.k, *self.v, self.valid, self.length_buffer, *extra]
 
     def slots(self, n_new: int) -> Tensor:
         """Slot indices [length, length + n_new) of the next write, as a tensor (fixed shapes only)."""

@@ -425,3 +425,75 @@ def test_a_model_with_active_dropout_is_refused(vocab, prompts):
     cfg = ModelConfig(vocab_size=vocab.size, dim=64, n_layers=1, n_heads=4, max_seq_len=64, resid_dropout=0.1)
     with pytest.raises(ValueError, match=r"training mode with dropout .* model.eval\(\)"):
         Sampler(ChameleonLM(cfg), vocab, tokens_per_image=4).generate(prompts, SamplingConfig())
+
+
+def test_kept_decode_buffers_draw_the_fresh_tokens_and_are_never_shared_mid_call(model, vocab, prompts):
+    """What `compile=True` on CUDA (CUDA graphs) does to the decode state, run eagerly on the CPU: repeated
+    calls of one shape decode in the same KV cache and positions tensors, reset, and draw what a fresh
+    sampler draws; a call made while a `stream` is still decoding gets its own buffers; older shapes are
+    dropped past `MAX_BUFFER_SETS`."""
+    fresh = Sampler(model, vocab, tokens_per_image=N_IMAGE_TOKENS)
+    kept = Sampler(model, vocab, tokens_per_image=N_IMAGE_TOKENS)
+    kept.cuda_graphs = True
+    kept._step_graph = lambda run, head, noise: None  # no recording on the CPU: eager steps in kept buffers
+    cfg = SamplingConfig(max_new_tokens=12, seed=4, cfg_scale=2.0)
+    other = replace(cfg, seed=5)
+    expected, expected_other = fresh.generate(prompts, cfg), fresh.generate(prompts, other)
+    assert kept.generate(prompts, cfg) == expected
+    (buffers,) = kept._buffers.values()
+    first_k = buffers.cache.k[0]
+    assert kept.generate(prompts, other) == expected_other  # the same buffers, reset
+    assert list(kept._buffers.values()) == [buffers] and buffers.cache.k[0] is first_k
+
+    stream = kept.stream(prompts, cfg)
+    first_event = next(stream)  # this call holds the kept buffers until it ends
+    assert kept.generate(prompts, other) == expected_other
+    streamed = [first_event.tokens] + [event.tokens for event in stream]
+    assert [[t for t in row if t != vocab.pad_id] for row in zip(*streamed)] == expected
+
+    for width in range(1, sampler_module.MAX_BUFFER_SETS + 2):  # new row counts: new shapes
+        kept.generate([prompts[0]] * width, cfg)
+    assert len(kept._buffers) == sampler_module.MAX_BUFFER_SETS
+
+
+@pytest.mark.parametrize("model", ["plain"], indirect=True)
+def test_a_decode_step_the_compiler_fails_to_build_is_decoded_eagerly(model, vocab, prompts, caplog):
+    """torch 2.11's Triton failed on one fused kernel of the step on an H100 (`PassManager::run failed`):
+    the sampler then says so once and draws the eager tokens."""
+    def broken(*args, **kwargs):
+        raise torch._dynamo.exc.BackendCompilerFailed(broken, RuntimeError("PassManager::run failed"), None)
+
+    cfg = SamplingConfig(max_new_tokens=8, seed=3, cfg_scale=2.0)
+    eager = Sampler(model, vocab, tokens_per_image=N_IMAGE_TOKENS).generate(prompts, cfg)
+    compiled = Sampler(model, vocab, tokens_per_image=N_IMAGE_TOKENS, compile=True)
+    compiled._compiled_feed_and_draw = broken
+    with caplog.at_level(logging.WARNING, sampler_module.__name__):
+        assert compiled.generate(prompts, cfg) == eager
+        assert compiled.generate(prompts, cfg) == eager
+    messages = [r.getMessage() for r in caplog.records if r.name == sampler_module.__name__]
+    assert len(messages) == 1 and "RuntimeError: PassManager::run failed" in messages[0]
+    assert "compile=false" in messages[0]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")
+@pytest.mark.parametrize("compile", [False, True])
+def test_cuda_graph_decode_draws_the_eager_tokens(model, vocab, prompts, compile):
+    """`cuda_graphs=True` records each step once per shape and head slice and replays it: the eager tokens,
+    call after call (the recorded graphs replay in later calls), streamed too, with other rules (greedy)."""
+    gpu = type(model)(model.cfg).cuda().eval()
+    gpu.load_state_dict(model.state_dict())
+    eager = Sampler(gpu, vocab, tokens_per_image=N_IMAGE_TOKENS)
+    graphed = Sampler(gpu, vocab, tokens_per_image=N_IMAGE_TOKENS, compile=compile, cuda_graphs=True)
+    for seed in (4, 5, 6):
+        cfg = SamplingConfig(max_new_tokens=12, seed=seed, cfg_scale=2.0)
+        assert graphed.generate(prompts, cfg) == eager.generate(prompts, cfg)
+    (kept,) = graphed._buffers.values()
+    recorded = dict(kept.graphs)
+    assert graphed.cuda_graphs and recorded  # recording worked (a failure switches cuda_graphs off)
+    streamed = [event.tokens for event in graphed.stream(prompts, cfg)]
+    assert [[t for t in row if t != vocab.pad_id] for row in zip(*streamed)] == eager.generate(prompts, cfg)
+    greedy = replace(cfg, text_temperature=0.0, image_temperature=0.0)
+    assert graphed.generate(prompts, greedy) == eager.generate(prompts, greedy)
+    assert all(kept.graphs[key] is graph for key, graph in recorded.items())  # replayed, not re-recorded
+    assert not kept.busy
