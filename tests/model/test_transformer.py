@@ -202,19 +202,33 @@ def test_xformers_without_a_kernel_names_the_fix(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="xformers kernels need CUDA")
-def test_xformers_matches_sdpa_on_gpu():
-    pytest.importorskip("xformers")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_xformers_matches_sdpa_on_gpu(dtype):
+    """Same outputs and gradients from both backends, plain causal and packed rows, in fp32 and under bf16
+    autocast (the training precision on GPUs; bf16 rounds each backend's own way, hence wider tolerances)."""
+    xops = pytest.importorskip("xformers.ops")
+    try:  # a wheel built for another torch loads no kernel (xformers 0.0.35 beside torch 2.11 on an H100)
+        probe = torch.zeros(1, 8, 1, 32, device="cuda", dtype=torch.bfloat16)
+        xops.memory_efficient_attention(probe, probe, probe)
+    except NotImplementedError as err:
+        pytest.skip(f"this xformers has no CUDA kernel beside torch {torch.__version__}: {str(err).splitlines()[-1]}")
     sdpa = make_model(n_kv_heads=2).cuda().train()
     xf = copy.deepcopy(sdpa)
     xf.cfg = ModelConfig(**{**vars(sdpa.cfg), "attn_impl": "xformers"})
     ids = random_ids(2, 16).cuda()
+    bound = 1e-5 if dtype == torch.float32 else 2e-2  # relative error, by norm, of outputs and each gradient
+
+    def close(got, want):
+        assert ((got - want).norm() / want.norm()).item() < bound
+
     for doc_lens in (None, torch.tensor([[5, 11], [16, 0]]).cuda()):
-        out_s, out_x = sdpa(ids, doc_lens=doc_lens), xf(ids, doc_lens=doc_lens)
-        torch.testing.assert_close(out_x, out_s, atol=1e-4, rtol=1e-4)
+        with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+            out_s, out_x = sdpa(ids, doc_lens=doc_lens).float(), xf(ids, doc_lens=doc_lens).float()
+        close(out_x, out_s)
         out_s.square().mean().backward()
         out_x.square().mean().backward()
         for p, q in zip(sdpa.parameters(), xf.parameters()):
-            torch.testing.assert_close(q.grad, p.grad, atol=1e-4, rtol=1e-3)
+            close(q.grad, p.grad)
             p.grad = q.grad = None
 
 
