@@ -200,6 +200,33 @@ def test_xformers_without_a_kernel_names_the_fix(monkeypatch):
         attention.attend(q, q, q, None, "xformers", 0.0)
 
 
+def test_xformers_gets_one_dtype_under_autocast(monkeypatch):
+    """Autocast casts SDPA's inputs but not xformers': after QK-norm (fp32) q, k reached it in float32 beside a
+    bf16 v, which xformers refuses (seen on an H100 under bf16-mixed). Checked here with a stand-in kernel."""
+    import types
+
+    from chameleon_lite.model import attention
+
+    seen = []
+
+    def kernel(q, k, v, attn_bias=None, p=0.0):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return q
+
+    fake = types.SimpleNamespace(memory_efficient_attention=kernel, LowerTriangularMask=lambda: None,
+                                 fmha=types.SimpleNamespace(attn_bias=types.SimpleNamespace(BlockDiagonalCausalMask=type)))
+    monkeypatch.setattr(attention, "xformers_ops", lambda device: fake)
+    q = k = torch.randn(1, 8, 2, 16)  # as QK-norm leaves them under CUDA autocast
+    v = torch.randn(1, 8, 2, 16, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        attention.attend(q, k, v, None, "xformers", 0.0)
+    assert seen == [(torch.bfloat16,) * 3]
+    model = make_model(attn_impl="xformers")
+    seen.clear()
+    model(random_ids(1, 8))  # no autocast: the model's own dtype
+    assert seen and all(dtypes == (torch.float32,) * 3 for dtypes in seen)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="xformers kernels need CUDA")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
