@@ -43,20 +43,20 @@ from chameleon_lite.model import ChameleonLM, ModelConfig
 from chameleon_lite.vocab import UnifiedVocab
 
 
-def reference_setup(max_seq_len: int) -> tuple[ChameleonLM, UnifiedVocab]:
+def reference_setup(max_seq_len: int, device: str = "cpu") -> tuple[ChameleonLM, UnifiedVocab]:
     """The reference shape: dim 256, 4 layers, 4 heads, vocab 8192 (4080 text ids, 4096 image codes),
     HF's per-head QK-norm layout, random weights."""
     vocab = UnifiedVocab(n_text=4080, n_image=4096)
     cfg = ModelConfig(vocab_size=vocab.size, dim=256, n_layers=4, n_heads=4, qk_norm_per_head=True,
                       max_seq_len=max_seq_len)
     torch.manual_seed(0)
-    return ChameleonLM(cfg).eval(), vocab
+    return ChameleonLM(cfg).to(device).eval(), vocab
 
 
 @torch.inference_mode()
 def max_logit_difference(model: ChameleonLM, hf: nn.Module, vocab: UnifiedVocab, ids: torch.Tensor) -> float:
     """Largest |logit difference| over non-image ids (HF sets image-code logits to the dtype minimum)."""
-    text = ~vocab.image_mask()
+    text = ~vocab.image_mask(ids.device)
     return (model(ids)[..., text] - hf(input_ids=ids).logits[..., text]).abs().max().item()
 
 
@@ -68,20 +68,21 @@ def naive_text_to_image(model: ChameleonLM, vocab: UnifiedVocab, prompts: list[l
     Rows [prompts | `<bos> <boi>` unconditional]; image codes drawn at temperature 1 from the guided
     logits, then the forced `<eoi>`. Same ops as the sampler except the KV cache.
     """
+    device = next(model.parameters()).device
     rows = prompts + [[vocab.bos_id, vocab.boi_id]] * len(prompts)
     width = max(len(r) for r in rows)
-    ids = torch.tensor([[vocab.pad_id] * (width - len(r)) + r for r in rows])
-    token_mask = torch.tensor([[False] * (width - len(r)) + [True] * len(r) for r in rows])
+    ids = torch.tensor([[vocab.pad_id] * (width - len(r)) + r for r in rows], device=device)
+    token_mask = torch.tensor([[False] * (width - len(r)) + [True] * len(r) for r in rows], device=device)
     positions = (torch.cumsum(token_mask, dim=1) - 1).clamp(min=0)
-    generator = torch.Generator().manual_seed(seed)
-    bias = torch.zeros(vocab.size).masked_fill_(~vocab.image_mask(), float("-inf"))
-    sample = torch.ones(len(prompts), dtype=torch.bool)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    bias = torch.zeros(vocab.size, device=device).masked_fill_(~vocab.image_mask(device), float("-inf"))
+    sample = torch.ones(len(prompts), dtype=torch.bool, device=device)
     for _ in range(tokens_per_image):
         logits = model(ids, positions=positions, token_mask=token_mask, logits_to_keep=1)[:, -1].float()
         logits = mix_guidance(logits, cfg_scale, None) + bias
         tokens = pick_tokens(logits, sample, gumbel_noise(tuple(logits.shape), generator, logits.device))
         ids = torch.cat([ids, tokens.repeat(2)[:, None]], dim=1)
-        token_mask = torch.cat([token_mask, torch.ones(len(rows), 1, dtype=torch.bool)], dim=1)
+        token_mask = torch.cat([token_mask, torch.ones(len(rows), 1, dtype=torch.bool, device=device)], dim=1)
         positions = torch.cat([positions, positions[:, -1:] + 1], dim=1)
     return [row[width:] + [vocab.eoi_id] for row in ids[: len(prompts)].tolist()]
 
@@ -153,24 +154,31 @@ def main() -> None:
     parser.add_argument("--no-compile", dest="compile", action="store_false",
                         help="skip the compiled-step rows (Sampler(compile=True))")
     parser.add_argument("--no-int8", dest="int8", action="store_false", help="skip the int8 weight-only row")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (on CUDA: also rows with CUDA graphs)")
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.image_rounds, args.new_tokens, args.batch, args.tokens_per_image = 1, 1, 16, 2, 16
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    model, vocab = reference_setup(max_seq_len=2048)
-    hf = to_hf(model, vocab)  # same weights; HF's vocabulary_map names our image block
+    model, vocab = reference_setup(max_seq_len=2048, device=args.device)
+    hf = to_hf(model, vocab).to(args.device)  # same weights; HF's vocabulary_map names our image block
     prompt = random_prompt(vocab, args.prompt_len, ends_in_boi=False)
-    hf_ids = torch.tensor([prompt])
+    hf_ids = torch.tensor([prompt], device=args.device)
     check = max_logit_difference(model, hf, vocab, hf_ids)
     fp32_name, int8_name = "chameleon-lite Sampler", "chameleon-lite Sampler, int8 weight-only"
     weights = {fp32_name: model} | ({int8_name: quantize_int8(model)} if args.int8 else {})
     samplers = {}
     for name, weights_model in weights.items():
         samplers[name] = Sampler(weights_model, vocab, args.tokens_per_image)
+        if args.device.startswith("cuda"):
+            samplers[f"{name} + CUDA graphs"] = Sampler(weights_model, vocab, args.tokens_per_image,
+                                                        cuda_graphs=True)
         if args.compile:
             samplers[f"{name}, compiled step"] = Sampler(weights_model, vocab, args.tokens_per_image, compile=True)
+        if args.compile and args.device.startswith("cuda"):
+            samplers[f"{name}, compiled step + CUDA graphs"] = Sampler(weights_model, vocab, args.tokens_per_image,
+                                                                      compile=True, cuda_graphs=True)
 
     def hf_generate() -> int:
         with torch.inference_mode():
@@ -199,8 +207,10 @@ def main() -> None:
     image_compile_seconds: dict[str, float] = {}
     images = alternate(image_engines, args.image_rounds, warm=set(samplers), warm_seconds=image_compile_seconds)
 
+    where = (torch.cuda.get_device_name() if args.device.startswith("cuda") else
+             f"{torch.get_num_threads()} CPU thread(s)")
     print(f"\nDecode benchmark: dim {model.cfg.dim}, {model.cfg.n_layers} layers, {model.cfg.n_heads} heads, "
-          f"vocab {vocab.size}, fp32, {torch.get_num_threads()} CPU thread(s), HF attention "
+          f"vocab {vocab.size}, fp32, torch {torch.__version__}, {where}, HF attention "
           f"{hf.config._attn_implementation}; medians over rounds")
     print(f"max |logit difference| HF vs chameleon-lite, same weights: {check:.2e}")
     if args.int8:
@@ -212,6 +222,10 @@ def main() -> None:
         rel = ((quant - full).norm(dim=-1) / full.norm(dim=-1)).max().item()
         print(f"int8 weight-only vs fp32: greedy tokens identical for the first {same} of {len(fp32_tokens)}; "
               f"largest relative logit error over the prompt {rel:.2%}")
+    fell_back = [name for name, s in samplers.items() if "compiled" in name and s._decode_call == s._feed_and_draw]
+    if fell_back:
+        print(f"torch.compile failed to build the step of: {', '.join(fell_back)} (logged above): those rows "
+              "decoded eagerly")
     for label, seconds in (("batch-1 decode", compile_seconds), ("text -> image", image_compile_seconds)):
         firsts = ", ".join(f"{name} {t:.1f} s" for name, t in seconds.items() if "compiled" in name)
         if firsts:

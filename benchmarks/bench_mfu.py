@@ -8,35 +8,55 @@ forward + `head_loss` + backward + fused AdamW (as in bench_train.py and `chamel
     python benchmarks/bench_mfu.py                   # tiny and small presets, fp32 and bf16
     python benchmarks/bench_mfu.py --compile         # adds compiled decoder blocks (chameleon-train compile=true)
     python benchmarks/bench_mfu.py --quick           # seconds: smoke run
+    python benchmarks/bench_mfu.py --device cuda --precision bf16 --shapes small,base --seq-len 2048 \
+        --attn sdpa,xformers --docs 4                # a GPU: packed rows, both attention backends
+    python benchmarks/bench_mfu.py --shapes tiny,384x4,256x8,384x6,512x4,512x6,small --precision bf16 \
+        --batch 12 --seq-len 352 --vocab 896        # the shapes recipe's step at other model shapes
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import itertools
 import os
+import re
 
 import torch
-from bench_train import CLOCKS, PRECISIONS, reference_config, seconds_per_step, training_step
+from bench_train import CLOCKS, PRECISIONS, reference_config, seconds_per_step, synchronize, training_step
 
 from chameleon_lite.model import ChameleonLM, ModelConfig
 
 
-def matmul_peak(size: int, precision: str, repeats: int, clock) -> float:
+def matmul_peak(size: int, precision: str, repeats: int, clock, device: str = "cpu") -> float:
     """Best FLOP/s of a (size x size) @ (size x size) matmul over `repeats` timed calls."""
     dtype = PRECISIONS[precision] or torch.float32
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    a, b = (torch.randn(size, size, dtype=dtype, device=device) for _ in range(2))
     a @ b
     best = float("inf")
     for _ in range(repeats):
+        synchronize()
         start = clock()
         a @ b
+        synchronize()
         best = min(best, clock() - start)
     return 2 * size**3 / best
 
 
+def shape_config(shape: str, vocab: int) -> ModelConfig:
+    """``reference``, a preset name, or ``DIMxLAYERS`` (e.g. ``384x6``: heads of 64 dims, as the presets)."""
+    if shape == "reference":
+        return reference_config(vocab)
+    if match := re.fullmatch(r"(\d+)x(\d+)", shape):
+        dim, layers = int(match[1]), int(match[2])
+        return ModelConfig(vocab_size=vocab, dim=dim, n_layers=layers, n_heads=max(1, dim // 64))
+    return ModelConfig.from_preset(shape, vocab_size=vocab)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", default="tiny,small", help="comma list: reference, or any preset name")
+    parser.add_argument("--shapes", default="tiny,small",
+                        help="comma list: reference, any preset name, or DIMxLAYERS (e.g. 384x6)")
     parser.add_argument("--precision", default="fp32,bf16", help="comma list of fp32, bf16 (autocast)")
     parser.add_argument("--vocab", type=int, default=8192)
     parser.add_argument("--batch", type=int, default=8)
@@ -47,6 +67,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall")
     parser.add_argument("--compile", action="store_true", help="also measure compiled decoder blocks (compile=true)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--attn", default="sdpa", help="comma list of attention backends: sdpa, xformers (CUDA)")
+    parser.add_argument("--docs", type=int, default=1, help="documents packed per row (doc_lens; 1: plain causal)")
     parser.add_argument("--quick", action="store_true", help="tiny smoke run: a few seconds")
     args = parser.parse_args()
     if args.quick:
@@ -57,41 +80,51 @@ def main() -> None:
     clock = CLOCKS[args.clock]
     precisions = args.precision.split(",")
 
-    peaks = {p: matmul_peak(args.peak_size, p, 5, clock) for p in precisions}
+    peaks = {p: matmul_peak(args.peak_size, p, 5, clock, args.device) for p in precisions}
     tokens = args.batch * args.seq_len
     ids = torch.randint(0, args.vocab, (args.batch, args.seq_len), generator=torch.Generator().manual_seed(0))
+    ids = ids.to(args.device)
+    doc_lens = None
+    if args.docs > 1:  # each row holds `docs` equal documents, no attention across them
+        doc_lens = torch.full((args.batch, args.docs), args.seq_len // args.docs)
+        doc_lens[:, -1] += args.seq_len - doc_lens.sum(1)
+        doc_lens = doc_lens.to(args.device)
     rows = []
     for shape in args.shapes.split(","):
-        cfg = reference_config(args.vocab) if shape == "reference" else ModelConfig.from_preset(shape, vocab_size=args.vocab)
-        for precision in precisions:
-            for compiled in (False, True) if args.compile else (False,):
-                torch.manual_seed(0)
-                model = ChameleonLM(cfg).train()
-                if compiled:
-                    model.compile_blocks()
-                step = training_step(model, False, ids, None, precision)
-                step()
-                seconds = min(seconds_per_step(step, args.steps, clock) for _ in range(args.rounds))
-                rows.append((shape, precision, "compiled" if compiled else "eager", model, tokens / seconds))
-    peaks = {p: max(peaks[p], matmul_peak(args.peak_size, p, 5, clock)) for p in precisions}
+        cfg = shape_config(shape, args.vocab)
+        for attn, precision, compiled in itertools.product(args.attn.split(","), precisions,
+                                                          (False, True) if args.compile else (False,)):
+            torch.manual_seed(0)
+            model = ChameleonLM(dataclasses.replace(cfg, attn_impl=attn)).to(args.device).train()
+            if compiled:
+                model.compile_blocks()
+            step = training_step(model, False, ids, doc_lens, precision)
+            step()
+            seconds = min(seconds_per_step(step, args.steps, clock) for _ in range(args.rounds))
+            rows.append((shape, attn, precision, "compiled" if compiled else "eager", model, tokens / seconds))
+            del model, step
+    peaks = {p: max(peaks[p], matmul_peak(args.peak_size, p, 5, clock, args.device)) for p in precisions}
 
+    where = (torch.cuda.get_device_name() if args.device.startswith("cuda") else
+             f"{torch.get_num_threads()} threads, CPU {torch.backends.cpu.get_cpu_capability()}")
     print(
-        f"\nMFU, batch {args.batch} x {args.seq_len} tokens, vocab {args.vocab}; torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, {args.clock} clock; load average {os.getloadavg()[0]:.1f}; "
+        f"\nMFU, batch {args.batch} x {args.seq_len} tokens, {args.docs} document(s) per row, vocab {args.vocab}; "
+        f"torch {torch.__version__}, {where}, {args.clock} clock; load average {os.getloadavg()[0]:.1f}; "
         f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '(unset)')}\n"
     )
-    print("| precision | matmul peak, GFLOP/s (measured) |\n|---|---|")
+    print(f"| precision | matmul peak, GFLOP/s (measured, {args.peak_size}^3) |\n|---|---|")
     for precision, peak in peaks.items():
         print(f"| {precision} | {peak / 1e9:,.0f} |")
-    print("\n| shape | precision | blocks | params excl. embedding table | model FLOPs/token | tok/s | achieved GFLOP/s "
-          "| MFU |")
-    print("|---|---|---|---|---|---|---|---|")
-    for shape, precision, blocks, model, tok_per_s in rows:
+    print("\n| shape | attention | precision | blocks | params excl. embedding table | model FLOPs/token | tok/s "
+          "| ms/step | achieved GFLOP/s | MFU |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for shape, attn, precision, blocks, model, tok_per_s in rows:
         flops = model.flops_per_token(args.seq_len)
         achieved = flops * tok_per_s
         print(
-            f"| {shape} | {precision} | {blocks} | {model.num_params(exclude_embeddings=True) / 1e6:.1f}M | "
-            f"{flops / 1e6:.1f}M | {tok_per_s:,.0f} | {achieved / 1e9:,.1f} | {achieved / peaks[precision]:.0%} |"
+            f"| {shape} | {attn} | {precision} | {blocks} | {model.num_params(exclude_embeddings=True) / 1e6:.1f}M | "
+            f"{flops / 1e6:.1f}M | {tok_per_s:,.0f} | {1000 * tokens / tok_per_s:,.1f} | {achieved / 1e9:,.1f} | "
+            f"{achieved / peaks[precision]:.0%} |"
         )
 
 

@@ -72,7 +72,7 @@ def training_step(
     dtype = PRECISIONS[precision]
 
     def step() -> None:
-        with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        with torch.autocast(ids.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
             if is_hf:
                 loss = model(input_ids=ids, labels=ids).loss
             elif fused_head:
@@ -86,10 +86,18 @@ def training_step(
     return step
 
 
+def synchronize() -> None:
+    """Wait for queued CUDA work (a no-op on CPU), so a clock read after it counts the work."""
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def seconds_per_step(step: Callable[[], None], steps: int, clock: Callable[[], float]) -> float:
+    synchronize()
     start = clock()
     for _ in range(steps):
         step()
+    synchronize()
     return (clock() - start) / steps
 
 
