@@ -63,6 +63,9 @@ COMPILED_GRAPHS_LIMIT = 64
 # With `cuda_graphs=True` (on CUDA): decode buffers (KV cache, positions) kept for this many
 # (model rows, cache slots) shapes, so repeated calls of one shape replay the graphs recorded on them.
 MAX_BUFFER_SETS = 4
+# Recorded steps kept per buffer set (one per head slice x guidance setting x sampling/filtering); the least
+# recently used is dropped past this, so a sweep over guidance scales does not pile graphs up.
+MAX_GRAPHS_PER_SET = 16
 
 # Internal mode index of a row, ``left.sign() + 1``: rows of `_Rules.bias` and of the per-mode parameters.
 _TEXT, _END_IMAGE, _IMAGE = 0, 1, 2
@@ -234,43 +237,76 @@ class _Decoding:
 @dataclass
 class _Buffers:
     """Decode buffers a CUDA-graph `Sampler` keeps for one shape; ``busy``: a call is decoding in them;
-    ``graphs``: the steps recorded on them (`_StepGraph.key`)."""
+    ``graphs``: the steps recorded on them (`_StepGraph.key`, least recently used first), sharing the memory
+    pool ``pool`` (safe: one graph replays at a time and its outputs are copied out at once)."""
 
     cache: KVCache
     positions: Tensor
     busy: bool = False
     graphs: dict[tuple, _StepGraph] = field(default_factory=dict)
+    pool: Any = None
 
 
 class _StepGraph:
     """One decode step (`Sampler._feed_and_draw` or its compiled graph: ``step()`` returns the one in use)
-    recorded as a CUDA graph.
+    recorded as a CUDA graph on the device of the kept buffers.
 
     It reads its own copies of the per-call inputs (the previous tokens, noise, modality state, rules),
     refreshed before each replay, and the kept KV cache and positions, which it advances in place as the
     eager step does. Recording first runs the step once on a side stream (lazy initialisation must not
     happen during capture), then rewinds the state that run advanced; the slot it wrote is written again
-    by the first replay."""
+    by the first replay. The graph also reads the model's weights where they were when it was recorded:
+    move or cast the model and the sampler must be made anew. `_warm_up` and `_record` are the only CUDA
+    calls (tests run the rest on the CPU with stand-ins that execute the step at each replay)."""
 
     def __init__(self, step: Callable[[], Callable], run: _Decoding, previous: Tensor, head: slice | None,
-                 noise: Tensor | None):
-        self.run = replace(run, left=run.left.clone(), done=run.done.clone(),
-                           rules=replace(run.rules, **{f: getattr(run.rules, f).clone() for f in _RULE_TENSORS}))
+                 noise: Tensor | None, kept: _Buffers):
+        rules = replace(run.rules, **{f: getattr(run.rules, f).clone() for f in _RULE_TENSORS})
+        # only what the step reads: not the call's logits, output or generator
+        self.run = replace(run, left=run.left.clone(), done=run.done.clone(), rules=rules, logits=None, out=None,
+                           lengths=None, generator=None)
         self.rules_of = run.rules  # the rules object last copied in
         self.previous, self.noise = previous.clone(), None if noise is None else noise.clone()
         cache = run.cache
         advanced = [t for t in (cache.length, run.positions, cache.image_run) if t is not None]
         saved = [t.clone() for t in advanced]
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # `step()` again below: a compiled step that failed to build is now eager
-            step()(self.run, self.previous, head, self.noise)
-        torch.cuda.current_stream().wait_stream(side)
-        for tensor, value in zip(advanced, saved):
-            tensor.copy_(value)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.outputs = step()(self.run, self.previous, head, self.noise)
+
+        def call() -> tuple[Tensor, ...]:  # `step()` each time: a compiled step that failed to build is now eager
+            return step()(self.run, self.previous, head, self.noise)
+
+        try:
+            self._warm_up(call, cache.valid.device)
+        finally:
+            for tensor, value in zip(advanced, saved):
+                tensor.copy_(value)
+        self.replay, self.outputs = self._record(call, cache.valid.device, kept)
+
+    @staticmethod
+    def _warm_up(call: Callable[[], Any], device: torch.device) -> None:
+        with torch.cuda.device(device):
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                call()
+            torch.cuda.current_stream(device).wait_stream(side)
+
+    @staticmethod
+    def _record(call: Callable[[], tuple[Tensor, ...]], device: torch.device,
+                kept: _Buffers) -> tuple[Callable[[], None], Sequence[Tensor]]:
+        """Capture ``call`` on ``device`` (not whichever device is current) into the set's pool; return the
+        replay and the graph's output tensors."""
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.device(device):
+            if kept.pool is None:
+                kept.pool = torch.cuda.graph_pool_handle()
+            with torch.cuda.graph(graph, pool=kept.pool, stream=torch.cuda.Stream(device)):
+                outputs = call()
+
+        def replay() -> None:
+            with torch.cuda.device(device):
+                graph.replay()
+
+        return replay, outputs
 
     @staticmethod
     def key(run: _Decoding, head: slice | None, noise: Tensor | None) -> tuple:
@@ -292,7 +328,7 @@ class _StepGraph:
         self.previous.copy_(previous)
         if noise is not None:
             self.noise.copy_(noise)
-        self.graph.replay()
+        self.replay()
         return tuple(t.clone() for t in self.outputs)  # the next replay overwrites the graph's own
 
 
@@ -314,10 +350,12 @@ class Sampler:
     failed on one fused kernel of it on an H100).
 
     ``cuda_graphs`` (CUDA only; ignored elsewhere): record each decode step, eager or compiled, as a CUDA
-    graph once per shape and head slice, then replay it: one launch per step instead of one per kernel,
-    which is what small models decode at on a GPU. Same tokens as eager. The decode buffers (KV cache,
-    positions) then stay allocated between calls, `MAX_BUFFER_SETS` shapes, so the graphs recorded on them
-    replay in later calls. A step that cannot be recorded decodes eagerly, with one logged warning.
+    graph once per shape, head slice and guidance setting, then replay it: one launch per step instead of
+    one per kernel, which is what small models decode at on a GPU. Same tokens as eager. The decode buffers
+    (KV cache, positions) then stay allocated between calls, `MAX_BUFFER_SETS` shapes with up to
+    `MAX_GRAPHS_PER_SET` graphs each, so the graphs recorded on them replay in later calls; `clear_buffers`
+    frees them. A step that cannot be recorded decodes eagerly, with one logged warning. Recorded graphs
+    read the model's weights where they are: after moving or casting the model, make a new sampler.
     """
 
     def __init__(self, model: ChameleonLM, vocab: UnifiedVocab, tokens_per_image: int, compile: bool = False,
@@ -337,6 +375,7 @@ class Sampler:
             log.warning("cuda_graphs=True is ignored: the model is on %s, and CUDA graphs record CUDA work only",
                         device)
         self._buffers: dict[tuple[int, int], _Buffers] = {}
+        self._said_busy = False
         if compile:  # fixed shapes (KVCache.fix_shapes): one graph per head slice, compiled on first use
             options = {"cpp_wrapper": True} if device.type == "cpu" else {}
             self._compiled_feed_and_draw = torch.compile(
@@ -358,7 +397,7 @@ class Sampler:
                     break
             return [row[:n] for row, n in zip(run.out.tolist(), run.lengths.tolist())]
         finally:
-            self._release(run)
+            self._release(run.cache)
 
     def stream(self, prompts: Sequence[Sequence[int]], cfg: SamplingConfig,
                negatives: Sequence[Sequence[int]] | None = None) -> Iterator[StepEvent]:
@@ -376,7 +415,7 @@ class Sampler:
                 if all(finished):
                     return
         finally:  # also when the caller stops early (close() or garbage collection of the generator)
-            self._release(run)
+            self._release(run.cache)
 
     # ----------------------------------------------------------------------------------- prefill
     @torch.inference_mode()
@@ -413,8 +452,12 @@ class Sampler:
 
         slots = -(-(width + cfg.max_new_tokens - 1) // CACHE_SLOTS_MULTIPLE) * CACHE_SLOTS_MULTIPLE
         cache, next_positions = self._decode_buffers(len(rows), slots, device)
-        logits = self.model(ids.to(device), positions=positions.to(device), kv_cache=cache,
-                            token_mask=token_mask.to(device), logits_to_keep=1)[:, -1].float()
+        try:
+            logits = self.model(ids.to(device), positions=positions.to(device), kv_cache=cache,
+                                token_mask=token_mask.to(device), logits_to_keep=1)[:, -1].float()
+        except BaseException:  # out of memory, an interrupt: the kept buffers must not stay claimed
+            self._release(cache)
+            raise
         cache.fix_shapes()  # every decode step now has the same shapes (one compiled graph)
         next_positions.copy_(lengths)
         generator = torch.Generator(device=device)
@@ -441,6 +484,10 @@ class Sampler:
         key = (rows, slots)
         kept = self._buffers.get(key)
         if kept is not None and kept.busy:  # another call is mid-way: fresh, unkept ones
+            if not self._said_busy:
+                log.info("a sampling call started while another of the same shape was unfinished (a stream not "
+                         "read to its end?): it decodes in new buffers, without CUDA graphs")
+                self._said_busy = True
             return self.model.init_kv_cache(rows, slots, device=device), torch.zeros(rows, dtype=torch.long,
                                                                                       device=device)
         if kept is None:
@@ -582,11 +629,16 @@ class Sampler:
         run.lengths += ~was_done
         return tokens, mode, was_done
 
-    def _release(self, run: _Decoding) -> None:
-        """The call of ``run`` has ended: its kept buffers, if any, may serve the next call."""
-        kept = self._buffers.get((run.positions.shape[0], run.cache.max_len))
-        if kept is not None and kept.cache is run.cache:
-            kept.busy = False
+    def clear_buffers(self) -> None:
+        """Free the kept decode buffers and the CUDA graphs recorded on them (`cuda_graphs`); later calls
+        allocate and record again."""
+        self._buffers.clear()
+
+    def _release(self, cache: KVCache) -> None:
+        """The call decoding in ``cache`` has ended: its kept buffers, if any, may serve the next call."""
+        for kept in self._buffers.values():
+            if kept.cache is cache:
+                kept.busy = False
 
     def _step_graph(self, run: _Decoding, head: slice | None, noise: Tensor | None) -> _StepGraph | None:
         """The recorded step for this call's kept buffers, recorded now if new; None if the call decodes in
@@ -596,16 +648,23 @@ class Sampler:
         if kept is None or kept.cache is not run.cache:
             return None
         key = _StepGraph.key(run, head, noise)
-        if key not in kept.graphs:
+        graph = kept.graphs.pop(key, None)
+        if graph is None:
             try:
-                kept.graphs[key] = _StepGraph(lambda: self._decode_call, run, run.previous, head, noise)
+                graph = _StepGraph(lambda: self._decode_call, run, run.previous, head, noise, kept)
             except Exception as err:  # noqa: BLE001 - any capture failure: decode as before, say why once
-                torch.cuda.synchronize()
-                log.warning("CUDA-graph decoding is off for this sampler: recording a decode step failed (%s); "
-                            "decoding without graphs (same tokens, slower)", _error_line(err))
+                if run.cache.valid.is_cuda:
+                    torch.cuda.synchronize(run.cache.valid.device)
+                cause = f"; during: {_error_line(err.__context__)}" if err.__context__ is not None else ""
+                log.warning("CUDA-graph decoding is off for this sampler: recording a decode step failed (%s%s); "
+                            "decoding without graphs (same tokens, slower)", _error_line(err), cause)
                 self.cuda_graphs = False
+                self.clear_buffers()  # this call keeps its own references
                 return None
-        return kept.graphs[key]
+        kept.graphs[key] = graph  # most recently used last
+        while len(kept.graphs) > MAX_GRAPHS_PER_SET:
+            kept.graphs.pop(next(iter(kept.graphs)))
+        return graph
 
     def _compiled_or_eager_feed_and_draw(self, run: _Decoding, previous: Tensor, head: slice | None,
                                          noise: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:

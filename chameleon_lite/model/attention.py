@@ -210,13 +210,6 @@ class KVCache:
             self.image_run.zero_()
         self.length = 0
 
-    def tensors(self) -> list[Tensor]:
-        """Every tensor a fixed-shape decode step reads or writes in place (`length_buffer` made)."""
-        if self.length_buffer is None:
-            self.length_buffer = torch.zeros((), dtype=torch.long, device=self.valid.device)
-        extra = [self.image_run] if self.image_run is not None else []
-        return [*self.k, *self.v, self.valid, self.length_buffer, *extra]
-
     def slots(self, n_new: int) -> Tensor:
         """Slot indices [length, length + n_new) of the next write, as a tensor (fixed shapes only)."""
         return self.length + torch.arange(n_new, device=self.valid.device)

@@ -427,33 +427,126 @@ def test_a_model_with_active_dropout_is_refused(vocab, prompts):
         Sampler(ChameleonLM(cfg), vocab, tokens_per_image=4).generate(prompts, SamplingConfig())
 
 
-def test_kept_decode_buffers_draw_the_fresh_tokens_and_are_never_shared_mid_call(model, vocab, prompts):
-    """What `compile=True` on CUDA (CUDA graphs) does to the decode state, run eagerly on the CPU: repeated
-    calls of one shape decode in the same KV cache and positions tensors, reset, and draw what a fresh
-    sampler draws; a call made while a `stream` is still decoding gets its own buffers; older shapes are
-    dropped past `MAX_BUFFER_SETS`."""
+def test_kept_decode_buffers_draw_the_fresh_tokens_and_are_never_shared_mid_call(model, vocab, prompts, monkeypatch):
+    """What `cuda_graphs=True` does to the decode state, run eagerly on the CPU: repeated calls of one shape
+    decode in the same KV cache and positions tensors, reset, and draw what a fresh sampler draws; a call made
+    while a `stream` is still decoding gets its own buffers; a call that ends (finished, closed, or failed in
+    its prefill) frees them for the next; older shapes are dropped past `MAX_BUFFER_SETS`."""
     fresh = Sampler(model, vocab, tokens_per_image=N_IMAGE_TOKENS)
     kept = Sampler(model, vocab, tokens_per_image=N_IMAGE_TOKENS)
     kept.cuda_graphs = True
     kept._step_graph = lambda run, head, noise: None  # no recording on the CPU: eager steps in kept buffers
+    used = []  # the cache each call decodes in
+    decode_buffers = kept._decode_buffers
+
+    def spy(rows, slots, device):
+        cache, positions = decode_buffers(rows, slots, device)
+        used.append(cache)
+        return cache, positions
+
+    monkeypatch.setattr(kept, "_decode_buffers", spy)
     cfg = SamplingConfig(max_new_tokens=12, seed=4, cfg_scale=2.0)
     other = replace(cfg, seed=5)
     expected, expected_other = fresh.generate(prompts, cfg), fresh.generate(prompts, other)
     assert kept.generate(prompts, cfg) == expected
     (buffers,) = kept._buffers.values()
-    first_k = buffers.cache.k[0]
-    assert kept.generate(prompts, other) == expected_other  # the same buffers, reset
-    assert list(kept._buffers.values()) == [buffers] and buffers.cache.k[0] is first_k
+    assert not buffers.busy
+    assert kept.generate(prompts, other) == expected_other
+    assert used[-1] is buffers.cache and list(kept._buffers.values()) == [buffers]  # the same buffers, reset
 
     stream = kept.stream(prompts, cfg)
     first_event = next(stream)  # this call holds the kept buffers until it ends
+    assert buffers.busy
     assert kept.generate(prompts, other) == expected_other
+    assert used[-1] is not buffers.cache  # new buffers, not the stream's
     streamed = [first_event.tokens] + [event.tokens for event in stream]
     assert [[t for t in row if t != vocab.pad_id] for row in zip(*streamed)] == expected
+    assert not buffers.busy
+
+    stream = kept.stream(prompts, cfg)
+    next(stream)
+    stream.close()  # a caller that stops reading
+    assert not buffers.busy
+
+    monkeypatch.setattr(kept.model, "forward", lambda *a, **k: (_ for _ in ()).throw(MemoryError("prefill")))
+    with pytest.raises(MemoryError):
+        kept.generate(prompts, cfg)
+    assert not buffers.busy
+    monkeypatch.undo()
 
     for width in range(1, sampler_module.MAX_BUFFER_SETS + 2):  # new row counts: new shapes
         kept.generate([prompts[0]] * width, cfg)
     assert len(kept._buffers) == sampler_module.MAX_BUFFER_SETS
+    kept.clear_buffers()
+    assert not kept._buffers
+
+
+def _graph_stand_ins(monkeypatch):
+    """`_StepGraph` without CUDA: the warm-up runs the step, recording runs nothing, each replay runs the step
+    on the graph's own inputs and writes its outputs, as a recorded graph does."""
+    def record(call, device, kept):
+        outputs = []
+
+        def replay():
+            outputs[:] = [t.clone() for t in call()]
+
+        return replay, outputs
+
+    monkeypatch.setattr(sampler_module._StepGraph, "_warm_up", staticmethod(lambda call, device: call()))
+    monkeypatch.setattr(sampler_module._StepGraph, "_record", staticmethod(record))
+
+
+GRAPH_CONFIGS = {  # one shape (2 rows per prompt) for the first six: a key that missed a setting would mix them
+    "cfg": {"cfg_scale": 2.0},
+    "cfg_3": {"cfg_scale": 3.0},
+    "cfg_top_k": {"cfg_scale": 2.0, "image_top_k": 5},
+    "cfg_and_text_cfg": {"cfg_scale": 2.0, "text_cfg_scale": 1.5},
+    "text_cfg_top_p": {"text_cfg_scale": 1.5, "text_top_p": 0.9},
+    "cfg_greedy": {"cfg_scale": 2.0, "text_temperature": 0.0, "image_temperature": 0.0},
+    "no_guidance_top_k": {"image_top_k": 5},
+    "image_cfg": {"cfg_scale": 2.0, "cfg_image_scale": 1.5},
+    "negatives_top_k": {"cfg_scale": 2.0, "negative_scale": 1.0, "image_top_k": 5},
+}
+
+
+def test_recorded_steps_replay_the_eager_tokens_in_every_guidance_setting(model, vocab, prompts, negatives,
+                                                                          monkeypatch):
+    """The CUDA-graph bookkeeping, on the CPU with stand-ins for capture and replay: each step replays with its
+    own copies of the call's inputs (tokens, noise, modality state, rules), the warm-up's state advance is
+    rewound, and a recorded step is reused only for what it was recorded for, across calls and settings."""
+    _graph_stand_ins(monkeypatch)
+    eager = Sampler(model, vocab, tokens_per_image=N_IMAGE_TOKENS)
+    graphed = Sampler(model, vocab, tokens_per_image=N_IMAGE_TOKENS)
+    graphed.cuda_graphs = True
+    recorded = {}
+    for rounds in range(2):
+        for name, options in GRAPH_CONFIGS.items():
+            cfg = SamplingConfig(max_new_tokens=12, seed=4 + rounds, **options)
+            extra = {"negatives": negatives} if "negative_scale" in options else {}
+            assert graphed.generate(prompts, cfg, **extra) == eager.generate(prompts, cfg, **extra), name
+        graphs = {(shape, key): g for shape, kept in graphed._buffers.items() for key, g in kept.graphs.items()}
+        if rounds == 0:
+            recorded = graphs
+    assert graphed.cuda_graphs and recorded
+    assert all(graphs[k] is g for k, g in recorded.items())  # the second round replayed, recorded nothing again
+
+
+@pytest.mark.parametrize("model", ["plain"], indirect=True)
+def test_a_step_that_cannot_be_recorded_is_decoded_eagerly(model, vocab, prompts, monkeypatch, caplog):
+    def broken(call, device, kept):
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+
+    _graph_stand_ins(monkeypatch)
+    monkeypatch.setattr(sampler_module._StepGraph, "_record", staticmethod(broken))
+    cfg = SamplingConfig(max_new_tokens=8, seed=3, cfg_scale=2.0)
+    graphed = Sampler(model, vocab, tokens_per_image=N_IMAGE_TOKENS)
+    graphed.cuda_graphs = True
+    with caplog.at_level(logging.WARNING, sampler_module.__name__):
+        assert graphed.generate(prompts, cfg) == Sampler(model, vocab, tokens_per_image=N_IMAGE_TOKENS).generate(
+            prompts, cfg)
+    messages = [r.getMessage() for r in caplog.records if r.name == sampler_module.__name__]
+    assert len(messages) == 1 and "operation not permitted" in messages[0]
+    assert not graphed.cuda_graphs and not graphed._buffers
 
 
 @pytest.mark.parametrize("model", ["plain"], indirect=True)
