@@ -237,14 +237,12 @@ class _Decoding:
 @dataclass
 class _Buffers:
     """Decode buffers a CUDA-graph `Sampler` keeps for one shape; ``busy``: a call is decoding in them;
-    ``graphs``: the steps recorded on them (`_StepGraph.key`, least recently used first), sharing the memory
-    pool ``pool`` (safe: one graph replays at a time and its outputs are copied out at once)."""
+    ``graphs``: the steps recorded on them (`_StepGraph.key`, least recently used first)."""
 
     cache: KVCache
     positions: Tensor
     busy: bool = False
     graphs: dict[tuple, _StepGraph] = field(default_factory=dict)
-    pool: Any = None
 
 
 class _StepGraph:
@@ -260,7 +258,7 @@ class _StepGraph:
     calls (tests run the rest on the CPU with stand-ins that execute the step at each replay)."""
 
     def __init__(self, step: Callable[[], Callable], run: _Decoding, previous: Tensor, head: slice | None,
-                 noise: Tensor | None, kept: _Buffers):
+                 noise: Tensor | None):
         rules = replace(run.rules, **{f: getattr(run.rules, f).clone() for f in _RULE_TENSORS})
         # only what the step reads: not the call's logits, output or generator
         self.run = replace(run, left=run.left.clone(), done=run.done.clone(), rules=rules, logits=None, out=None,
@@ -279,7 +277,7 @@ class _StepGraph:
         finally:
             for tensor, value in zip(advanced, saved):
                 tensor.copy_(value)
-        self.replay, self.outputs = self._record(call, cache.valid.device, kept)
+        self.replay, self.outputs = self._record(call, cache.valid.device)
 
     @staticmethod
     def _warm_up(call: Callable[[], Any], device: torch.device) -> None:
@@ -291,16 +289,13 @@ class _StepGraph:
             torch.cuda.current_stream(device).wait_stream(side)
 
     @staticmethod
-    def _record(call: Callable[[], tuple[Tensor, ...]], device: torch.device,
-                kept: _Buffers) -> tuple[Callable[[], None], Sequence[Tensor]]:
-        """Capture ``call`` on ``device`` (not whichever device is current) into the set's pool; return the
-        replay and the graph's output tensors."""
+    def _record(call: Callable[[], tuple[Tensor, ...]],
+                device: torch.device) -> tuple[Callable[[], None], Sequence[Tensor]]:
+        """Capture ``call`` on ``device`` (not whichever device is current); return the replay and the
+        graph's output tensors."""
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.device(device):
-            if kept.pool is None:
-                kept.pool = torch.cuda.graph_pool_handle()
-            with torch.cuda.graph(graph, pool=kept.pool, stream=torch.cuda.Stream(device)):
-                outputs = call()
+        with torch.cuda.device(device), torch.cuda.graph(graph, stream=torch.cuda.Stream(device)):
+            outputs = call()
 
         def replay() -> None:
             with torch.cuda.device(device):
@@ -651,7 +646,7 @@ class Sampler:
         graph = kept.graphs.pop(key, None)
         if graph is None:
             try:
-                graph = _StepGraph(lambda: self._decode_call, run, run.previous, head, noise, kept)
+                graph = _StepGraph(lambda: self._decode_call, run, run.previous, head, noise)
             except Exception as err:  # noqa: BLE001 - any capture failure: decode as before, say why once
                 if run.cache.valid.is_cuda:
                     torch.cuda.synchronize(run.cache.valid.device)

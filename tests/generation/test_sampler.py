@@ -484,7 +484,7 @@ def test_kept_decode_buffers_draw_the_fresh_tokens_and_are_never_shared_mid_call
 def _graph_stand_ins(monkeypatch):
     """`_StepGraph` without CUDA: the warm-up runs the step, recording runs nothing, each replay runs the step
     on the graph's own inputs and writes its outputs, as a recorded graph does."""
-    def record(call, device, kept):
+    def record(call, device):
         outputs = []
 
         def replay():
@@ -533,7 +533,7 @@ def test_recorded_steps_replay_the_eager_tokens_in_every_guidance_setting(model,
 
 @pytest.mark.parametrize("model", ["plain"], indirect=True)
 def test_a_step_that_cannot_be_recorded_is_decoded_eagerly(model, vocab, prompts, monkeypatch, caplog):
-    def broken(call, device, kept):
+    def broken(call, device):
         raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
 
     _graph_stand_ins(monkeypatch)
