@@ -37,15 +37,15 @@ from __future__ import annotations
 import inspect
 import logging
 import math
-import re
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from chameleon_lite.generation.cuda_graphs import DecodeGraphs, error_line
 from chameleon_lite.generation.logits import gumbel_noise, mask_top_k_top_p, mix_guidance, pick_tokens
 from chameleon_lite.model import ChameleonLM, KVCache
 from chameleon_lite.vocab import UnifiedVocab
@@ -60,12 +60,6 @@ CACHE_SLOTS_MULTIPLE = 64
 # need one more decodes eagerly from then on (same tokens). Dynamo's own limit, 8, is reached by a session that
 # samples a few batch sizes; past this one, new compiles (~10-20 s each on CPU) would cost more than they save.
 COMPILED_GRAPHS_LIMIT = 64
-# With `cuda_graphs=True` (on CUDA): decode buffers (KV cache, positions) kept for this many
-# (model rows, cache slots) shapes, so repeated calls of one shape replay the graphs recorded on them.
-MAX_BUFFER_SETS = 4
-# Recorded steps kept per buffer set (one per head slice x guidance setting x sampling/filtering); the least
-# recently used is dropped past this, so a sweep over guidance scales does not pile graphs up.
-MAX_GRAPHS_PER_SET = 16
 
 # Internal mode index of a row, ``left.sign() + 1``: rows of `_Rules.bias` and of the per-mode parameters.
 _TEXT, _END_IMAGE, _IMAGE = 0, 1, 2
@@ -97,13 +91,6 @@ def _recompile_limit() -> dict[str, Any]:
 _RECOMPILE_LIMIT_HIT = tuple(getattr(torch._dynamo.exc, name) for name in ("FailOnRecompileLimitHit",
                                                                            "FailOnCacheLimitHit")
                              if hasattr(torch._dynamo.exc, name))
-
-
-def _error_line(err: BaseException) -> str:
-    """The line of a (compiler) error that says what failed: its last ``SomeError: ...`` line, else its first."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    named = [line for line in lines if re.match(r"^[\w.]*(Error|Exception): ", line)]
-    return named[-1] if named else (lines[0] if lines else type(err).__name__)
 
 
 def _scale_by_temperature(scores: Tensor, inv_temperature: Tensor) -> Tensor:
@@ -234,102 +221,6 @@ class _Decoding:
     previous: Tensor | None = None  # (B,) int64: the tokens of the last step, fed to the model next
 
 
-@dataclass
-class _Buffers:
-    """Decode buffers a CUDA-graph `Sampler` keeps for one shape; ``busy``: a call is decoding in them;
-    ``graphs``: the steps recorded on them (`_StepGraph.key`, least recently used first)."""
-
-    cache: KVCache
-    positions: Tensor
-    busy: bool = False
-    graphs: dict[tuple, _StepGraph] = field(default_factory=dict)
-
-
-class _StepGraph:
-    """One decode step (`Sampler._feed_and_draw` or its compiled graph: ``step()`` returns the one in use)
-    recorded as a CUDA graph on the device of the kept buffers.
-
-    It reads its own copies of the per-call inputs (the previous tokens, noise, modality state, rules),
-    refreshed before each replay, and the kept KV cache and positions, which it advances in place as the
-    eager step does. Recording first runs the step once on a side stream (lazy initialisation must not
-    happen during capture), then rewinds the state that run advanced; the slot it wrote is written again
-    by the first replay. The graph also reads the model's weights where they were when it was recorded:
-    move or cast the model and the sampler must be made anew. `_warm_up` and `_record` are the only CUDA
-    calls (tests run the rest on the CPU with stand-ins that execute the step at each replay)."""
-
-    def __init__(self, step: Callable[[], Callable], run: _Decoding, previous: Tensor, head: slice | None,
-                 noise: Tensor | None):
-        rules = replace(run.rules, **{f: getattr(run.rules, f).clone() for f in _RULE_TENSORS})
-        # only what the step reads: not the call's logits, output or generator
-        self.run = replace(run, left=run.left.clone(), done=run.done.clone(), rules=rules, logits=None, out=None,
-                           lengths=None, generator=None)
-        self.rules_of = run.rules  # the rules object last copied in
-        self.previous, self.noise = previous.clone(), None if noise is None else noise.clone()
-        cache = run.cache
-        advanced = [t for t in (cache.length, run.positions, cache.image_run) if t is not None]
-        saved = [t.clone() for t in advanced]
-
-        def call() -> tuple[Tensor, ...]:  # `step()` each time: a compiled step that failed to build is now eager
-            return step()(self.run, self.previous, head, self.noise)
-
-        try:
-            self._warm_up(call, cache.valid.device)
-        finally:
-            for tensor, value in zip(advanced, saved):
-                tensor.copy_(value)
-        self.replay, self.outputs = self._record(call, cache.valid.device)
-
-    @staticmethod
-    def _warm_up(call: Callable[[], Any], device: torch.device) -> None:
-        with torch.cuda.device(device):
-            side = torch.cuda.Stream(device)
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):
-                call()
-            torch.cuda.current_stream(device).wait_stream(side)
-
-    @staticmethod
-    def _record(call: Callable[[], tuple[Tensor, ...]],
-                device: torch.device) -> tuple[Callable[[], None], Sequence[Tensor]]:
-        """Capture ``call`` on ``device`` (not whichever device is current); return the replay and the
-        graph's output tensors."""
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.device(device), torch.cuda.graph(graph, stream=torch.cuda.Stream(device)):
-            outputs = call()
-
-        def replay() -> None:
-            with torch.cuda.device(device):
-                graph.replay()
-
-        return replay, outputs
-
-    @staticmethod
-    def key(run: _Decoding, head: slice | None, noise: Tensor | None) -> tuple:
-        """What a recorded step depends on beyond tensor values: the head slice, the guidance rows and
-        scales, and which optional ops run (the shapes are those of the buffers the graph belongs to)."""
-        c, r = run.cfg, run.rules
-        head_key = None if head is None else (head.start, head.stop)
-        return (head_key, noise is not None, c.cfg_scale, c.cfg_image_scale, c.negative_scale, c.text_cfg_scale,
-                r.any_sample, r.any_filter)
-
-    def __call__(self, run: _Decoding, previous: Tensor, noise: Tensor | None) -> tuple[Tensor, ...]:
-        mine = self.run
-        if run.rules is not self.rules_of:
-            for f in _RULE_TENSORS:
-                getattr(mine.rules, f).copy_(getattr(run.rules, f))
-            self.rules_of = run.rules
-        mine.left.copy_(run.left)
-        mine.done.copy_(run.done)
-        self.previous.copy_(previous)
-        if noise is not None:
-            self.noise.copy_(noise)
-        self.replay()
-        return tuple(t.clone() for t in self.outputs)  # the next replay overwrites the graph's own
-
-
-_RULE_TENSORS = ("bias", "inv_temperature", "sample", "top_k", "top_p", "stop", "image_context")
-
-
 class Sampler:
     """Draws new tokens for token-id prompts from a `ChameleonLM` (see the module docstring).
 
@@ -347,8 +238,8 @@ class Sampler:
     ``cuda_graphs`` (CUDA only; ignored elsewhere): record each decode step, eager or compiled, as a CUDA
     graph once per shape, head slice and guidance setting, then replay it: one launch per step instead of
     one per kernel, which is what small models decode at on a GPU. Same tokens as eager. The decode buffers
-    (KV cache, positions) then stay allocated between calls, `MAX_BUFFER_SETS` shapes with up to
-    `MAX_GRAPHS_PER_SET` graphs each, so the graphs recorded on them replay in later calls; `clear_buffers`
+    (KV cache, positions) then stay allocated between calls (`cuda_graphs.py`: `MAX_BUFFER_SETS` shapes, up to
+    `MAX_GRAPHS_PER_SET` graphs each), so the graphs recorded on them replay in later calls; `clear_buffers`
     frees them. A step that cannot be recorded decodes eagerly, with one logged warning. Recorded graphs
     read the model's weights where they are: after moving or casting the model, make a new sampler.
     """
@@ -365,12 +256,10 @@ class Sampler:
         device = next(model.parameters()).device
         # CUDA graphs replay a step's kernels reading and writing fixed addresses: the decode state that steps
         # write in place (KV cache, positions) then lives in buffers kept across calls, one set per shape
-        self.cuda_graphs = cuda_graphs and device.type == "cuda"
-        if cuda_graphs and not self.cuda_graphs:
+        self._graphs = DecodeGraphs(model) if cuda_graphs and device.type == "cuda" else None
+        if cuda_graphs and self._graphs is None:
             log.warning("cuda_graphs=True is ignored: the model is on %s, and CUDA graphs record CUDA work only",
                         device)
-        self._buffers: dict[tuple[int, int], _Buffers] = {}
-        self._said_busy = False
         if compile:  # fixed shapes (KVCache.fix_shapes): one graph per head slice, compiled on first use
             options = {"cpp_wrapper": True} if device.type == "cpu" else {}
             self._compiled_feed_and_draw = torch.compile(
@@ -446,7 +335,11 @@ class Sampler:
         positions = (torch.arange(width) - (width - lengths)[:, None]).clamp(min=0)  # (G*B, width)
 
         slots = -(-(width + cfg.max_new_tokens - 1) // CACHE_SLOTS_MULTIPLE) * CACHE_SLOTS_MULTIPLE
-        cache, next_positions = self._decode_buffers(len(rows), slots, device)
+        if self.cuda_graphs:  # kept buffers: the graphs recorded on them replay
+            cache, next_positions = self._graphs.claim(len(rows), slots, device)
+        else:
+            cache = self.model.init_kv_cache(len(rows), slots, device=device)
+            next_positions = torch.zeros(len(rows), dtype=torch.long, device=device)
         try:
             logits = self.model(ids.to(device), positions=positions.to(device), kv_cache=cache,
                                 token_mask=token_mask.to(device), logits_to_keep=1)[:, -1].float()
@@ -466,36 +359,6 @@ class Sampler:
             lengths=torch.zeros(n, dtype=torch.long, device=device),
             out=torch.full((n, cfg.max_new_tokens), self.vocab.pad_id, dtype=torch.long, device=device),
         )
-
-    def _decode_buffers(self, rows: int, slots: int, device: torch.device) -> tuple[KVCache, Tensor]:
-        """An empty KV cache of ``rows`` x ``slots`` and a (rows,) int64 positions tensor: new ones, or with
-        `cuda_graphs` the ones of the last call of this shape, reset (the CUDA graphs recorded on them then
-        replay as they are), unless a call still decoding (an unfinished `stream`) holds them: that call gets
-        new ones and decodes without graphs. `MAX_BUFFER_SETS` shapes are kept, the oldest dropped first
-        with its graphs."""
-        if not self.cuda_graphs:
-            return self.model.init_kv_cache(rows, slots, device=device), torch.zeros(rows, dtype=torch.long,
-                                                                                      device=device)
-        key = (rows, slots)
-        kept = self._buffers.get(key)
-        if kept is not None and kept.busy:  # another call is mid-way: fresh, unkept ones
-            if not self._said_busy:
-                log.info("a sampling call started while another of the same shape was unfinished (a stream not "
-                         "read to its end?): it decodes in new buffers, without CUDA graphs")
-                self._said_busy = True
-            return self.model.init_kv_cache(rows, slots, device=device), torch.zeros(rows, dtype=torch.long,
-                                                                                      device=device)
-        if kept is None:
-            kept = _Buffers(self.model.init_kv_cache(rows, slots, device=device),
-                            torch.zeros(rows, dtype=torch.long, device=device))
-        else:
-            kept.cache.reset()
-        self._buffers.pop(key, None)
-        self._buffers[key] = kept  # most recent last
-        kept.busy = True  # until the call ends (`_release`)
-        while len(self._buffers) > MAX_BUFFER_SETS:
-            self._buffers.pop(next(iter(self._buffers)))
-        return kept.cache, kept.positions
 
     def _check_prompt(self, index: int, prompt: Sequence[int], cfg: SamplingConfig,
                       what: str = "prompt") -> list[int]:
@@ -613,7 +476,7 @@ class Sampler:
             tokens, mode, run.done, run.left = self._draw(run, run.logits, noise)
         else:
             head = self._head_slice(run.left)
-            graph = self._step_graph(run, head, noise) if self.cuda_graphs else None
+            graph = self._graphs.step_graph(lambda: self._decode_call, run, head, noise) if self.cuda_graphs else None
             if graph is not None:
                 outputs = graph(run, run.previous, noise)
             else:
@@ -624,42 +487,19 @@ class Sampler:
         run.lengths += ~was_done
         return tokens, mode, was_done
 
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether decode steps are replayed as CUDA graphs (asked for, on CUDA, and no recording failed)."""
+        return self._graphs is not None and self._graphs.enabled
+
     def clear_buffers(self) -> None:
-        """Free the kept decode buffers and the CUDA graphs recorded on them (`cuda_graphs`); later calls
-        allocate and record again."""
-        self._buffers.clear()
+        """Free the decode buffers and CUDA graphs kept for later calls (`cuda_graphs`)."""
+        if self._graphs is not None:
+            self._graphs.clear()
 
     def _release(self, cache: KVCache) -> None:
-        """The call decoding in ``cache`` has ended: its kept buffers, if any, may serve the next call."""
-        for kept in self._buffers.values():
-            if kept.cache is cache:
-                kept.busy = False
-
-    def _step_graph(self, run: _Decoding, head: slice | None, noise: Tensor | None) -> _StepGraph | None:
-        """The recorded step for this call's kept buffers, recorded now if new; None if the call decodes in
-        buffers that are not kept (another call held them) or recording failed (then `cuda_graphs` is
-        switched off, with a warning)."""
-        kept = self._buffers.get((run.positions.shape[0], run.cache.max_len))
-        if kept is None or kept.cache is not run.cache:
-            return None
-        key = _StepGraph.key(run, head, noise)
-        graph = kept.graphs.pop(key, None)
-        if graph is None:
-            try:
-                graph = _StepGraph(lambda: self._decode_call, run, run.previous, head, noise)
-            except Exception as err:  # noqa: BLE001 - any capture failure: decode as before, say why once
-                if run.cache.valid.is_cuda:
-                    torch.cuda.synchronize(run.cache.valid.device)
-                cause = f"; during: {_error_line(err.__context__)}" if err.__context__ is not None else ""
-                log.warning("CUDA-graph decoding is off for this sampler: recording a decode step failed (%s%s); "
-                            "decoding without graphs (same tokens, slower)", _error_line(err), cause)
-                self.cuda_graphs = False
-                self.clear_buffers()  # this call keeps its own references
-                return None
-        kept.graphs[key] = graph  # most recently used last
-        while len(kept.graphs) > MAX_GRAPHS_PER_SET:
-            kept.graphs.pop(next(iter(kept.graphs)))
-        return graph
+        if self._graphs is not None:
+            self._graphs.release(cache)
 
     def _compiled_or_eager_feed_and_draw(self, run: _Decoding, previous: Tensor, head: slice | None,
                                          noise: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -675,7 +515,7 @@ class Sampler:
                         COMPILED_GRAPHS_LIMIT)
         except torch._dynamo.exc.BackendCompilerFailed as err:
             log.warning("torch.compile failed to build a decode step (%s): this sampler decodes eagerly from now "
-                        "on (same tokens, slower); compile=false avoids the attempt", _error_line(err))
+                        "on (same tokens, slower); compile=false avoids the attempt", error_line(err))
         self._decode_call = self._feed_and_draw
         return self._feed_and_draw(run, previous, head, noise)
 

@@ -4,7 +4,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from chameleon_lite.generation import Mode, Sampler, SamplingConfig
+from chameleon_lite.generation import Mode, Sampler, SamplingConfig, cuda_graphs
 from chameleon_lite.generation import sampler as sampler_module
 from chameleon_lite.generation.sampler import _scale_by_temperature
 from chameleon_lite.model import ChameleonLM, ModelConfig
@@ -434,25 +434,25 @@ def test_kept_decode_buffers_draw_the_fresh_tokens_and_are_never_shared_mid_call
     its prefill) frees them for the next; older shapes are dropped past `MAX_BUFFER_SETS`."""
     fresh = Sampler(model, vocab, tokens_per_image=N_IMAGE_TOKENS)
     kept = Sampler(model, vocab, tokens_per_image=N_IMAGE_TOKENS)
-    kept.cuda_graphs = True
-    kept._step_graph = lambda run, head, noise: None  # no recording on the CPU: eager steps in kept buffers
+    graphs = kept._graphs = cuda_graphs.DecodeGraphs(model)  # what cuda_graphs=True makes on CUDA
+    monkeypatch.setattr(graphs, "step_graph", lambda *a: None)  # no recording on the CPU: eager steps
     used = []  # the cache each call decodes in
-    decode_buffers = kept._decode_buffers
+    claim = graphs.claim
 
     def spy(rows, slots, device):
-        cache, positions = decode_buffers(rows, slots, device)
+        cache, positions = claim(rows, slots, device)
         used.append(cache)
         return cache, positions
 
-    monkeypatch.setattr(kept, "_decode_buffers", spy)
+    monkeypatch.setattr(graphs, "claim", spy)
     cfg = SamplingConfig(max_new_tokens=12, seed=4, cfg_scale=2.0)
     other = replace(cfg, seed=5)
     expected, expected_other = fresh.generate(prompts, cfg), fresh.generate(prompts, other)
     assert kept.generate(prompts, cfg) == expected
-    (buffers,) = kept._buffers.values()
+    (buffers,) = graphs.buffers.values()
     assert not buffers.busy
     assert kept.generate(prompts, other) == expected_other
-    assert used[-1] is buffers.cache and list(kept._buffers.values()) == [buffers]  # the same buffers, reset
+    assert used[-1] is buffers.cache and list(graphs.buffers.values()) == [buffers]  # the same buffers, reset
 
     stream = kept.stream(prompts, cfg)
     first_event = next(stream)  # this call holds the kept buffers until it ends
@@ -468,21 +468,20 @@ def test_kept_decode_buffers_draw_the_fresh_tokens_and_are_never_shared_mid_call
     stream.close()  # a caller that stops reading
     assert not buffers.busy
 
-    monkeypatch.setattr(kept.model, "forward", lambda *a, **k: (_ for _ in ()).throw(MemoryError("prefill")))
-    with pytest.raises(MemoryError):
+    with monkeypatch.context() as patch, pytest.raises(MemoryError):
+        patch.setattr(kept.model, "forward", lambda *a, **k: (_ for _ in ()).throw(MemoryError("prefill")))
         kept.generate(prompts, cfg)
     assert not buffers.busy
-    monkeypatch.undo()
 
-    for width in range(1, sampler_module.MAX_BUFFER_SETS + 2):  # new row counts: new shapes
+    for width in range(1, cuda_graphs.MAX_BUFFER_SETS + 2):  # new row counts: new shapes
         kept.generate([prompts[0]] * width, cfg)
-    assert len(kept._buffers) == sampler_module.MAX_BUFFER_SETS
+    assert len(graphs.buffers) == cuda_graphs.MAX_BUFFER_SETS
     kept.clear_buffers()
-    assert not kept._buffers
+    assert not graphs.buffers
 
 
 def _graph_stand_ins(monkeypatch):
-    """`_StepGraph` without CUDA: the warm-up runs the step, recording runs nothing, each replay runs the step
+    """`StepGraph` without CUDA: the warm-up runs the step, recording runs nothing, each replay runs the step
     on the graph's own inputs and writes its outputs, as a recorded graph does."""
     def record(call, device):
         outputs = []
@@ -492,8 +491,8 @@ def _graph_stand_ins(monkeypatch):
 
         return replay, outputs
 
-    monkeypatch.setattr(sampler_module._StepGraph, "_warm_up", staticmethod(lambda call, device: call()))
-    monkeypatch.setattr(sampler_module._StepGraph, "_record", staticmethod(record))
+    monkeypatch.setattr(cuda_graphs.StepGraph, "_warm_up", staticmethod(lambda call, device: call()))
+    monkeypatch.setattr(cuda_graphs.StepGraph, "_record", staticmethod(record))
 
 
 GRAPH_CONFIGS = {  # one shape (2 rows per prompt) for the first six: a key that missed a setting would mix them
@@ -517,14 +516,14 @@ def test_recorded_steps_replay_the_eager_tokens_in_every_guidance_setting(model,
     _graph_stand_ins(monkeypatch)
     eager = Sampler(model, vocab, tokens_per_image=N_IMAGE_TOKENS)
     graphed = Sampler(model, vocab, tokens_per_image=N_IMAGE_TOKENS)
-    graphed.cuda_graphs = True
+    graphed._graphs = cuda_graphs.DecodeGraphs(model)  # what cuda_graphs=True makes on CUDA
     recorded = {}
     for rounds in range(2):
         for name, options in GRAPH_CONFIGS.items():
             cfg = SamplingConfig(max_new_tokens=12, seed=4 + rounds, **options)
             extra = {"negatives": negatives} if "negative_scale" in options else {}
             assert graphed.generate(prompts, cfg, **extra) == eager.generate(prompts, cfg, **extra), name
-        graphs = {(shape, key): g for shape, kept in graphed._buffers.items() for key, g in kept.graphs.items()}
+        graphs = {(shape, key): g for shape, kept in graphed._graphs.buffers.items() for key, g in kept.graphs.items()}
         if rounds == 0:
             recorded = graphs
     assert graphed.cuda_graphs and recorded
@@ -537,16 +536,16 @@ def test_a_step_that_cannot_be_recorded_is_decoded_eagerly(model, vocab, prompts
         raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
 
     _graph_stand_ins(monkeypatch)
-    monkeypatch.setattr(sampler_module._StepGraph, "_record", staticmethod(broken))
+    monkeypatch.setattr(cuda_graphs.StepGraph, "_record", staticmethod(broken))
     cfg = SamplingConfig(max_new_tokens=8, seed=3, cfg_scale=2.0)
     graphed = Sampler(model, vocab, tokens_per_image=N_IMAGE_TOKENS)
-    graphed.cuda_graphs = True
-    with caplog.at_level(logging.WARNING, sampler_module.__name__):
+    graphed._graphs = cuda_graphs.DecodeGraphs(model)
+    with caplog.at_level(logging.WARNING, cuda_graphs.__name__):
         assert graphed.generate(prompts, cfg) == Sampler(model, vocab, tokens_per_image=N_IMAGE_TOKENS).generate(
             prompts, cfg)
-    messages = [r.getMessage() for r in caplog.records if r.name == sampler_module.__name__]
+    messages = [r.getMessage() for r in caplog.records if r.name == cuda_graphs.__name__]
     assert len(messages) == 1 and "operation not permitted" in messages[0]
-    assert not graphed.cuda_graphs and not graphed._buffers
+    assert not graphed.cuda_graphs and not graphed._graphs.buffers
 
 
 @pytest.mark.parametrize("model", ["plain"], indirect=True)
@@ -581,7 +580,7 @@ def test_cuda_graph_decode_draws_the_eager_tokens(model, vocab, prompts, compile
     for seed in (4, 5, 6):
         cfg = SamplingConfig(max_new_tokens=12, seed=seed, cfg_scale=2.0)
         assert graphed.generate(prompts, cfg) == eager.generate(prompts, cfg)
-    (kept,) = graphed._buffers.values()
+    (kept,) = graphed._graphs.buffers.values()
     recorded = dict(kept.graphs)
     assert graphed.cuda_graphs and recorded  # recording worked (a failure switches cuda_graphs off)
     streamed = [event.tokens for event in graphed.stream(prompts, cfg)]
