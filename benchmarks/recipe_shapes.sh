@@ -36,9 +36,8 @@ train_and_eval "g_d512_l6_s$seed" model.dim=512 model.n_layers=6 model.n_heads=8
     trainer.val_check_interval=335 &
 train_and_eval "g_small_2800_s$seed" model=small &
 wait
-python -m chameleon_lite.cli.compare_evals \
-    $(for run in tiny_2800 d384_l4 d256_l8 d384_l6 d512_l4 d512_l6 small_2800; do
-        echo -g "$run" "runs/g_${run}_s$seed/eval/gen_test"; done)
-python -m chameleon_lite.cli.compare_evals \
-    $(for run in tiny_2800 d384_l4 d256_l8 d384_l6 d512_l4 d512_l6 small_2800; do
-        echo -g "$run" "runs/g_${run}_s$seed/eval/cap_test"; done)
+for eval in gen_test cap_test; do
+  python -m chameleon_lite.cli.compare_evals \
+      $(for run in tiny_2800 d384_l4 d256_l8 d384_l6 d512_l4 d512_l6 small_2800; do
+          echo -g "$run" "runs/g_${run}_s$seed/eval/$eval"; done)
+done

@@ -36,6 +36,12 @@ MAX_BUFFER_SETS = 4
 MAX_GRAPHS_PER_SET = 16
 
 
+def new_decode_buffers(model: ChameleonLM, rows: int, slots: int,
+                       device: torch.device) -> tuple[KVCache, Tensor]:
+    """An empty KV cache of ``rows`` x ``slots`` and a (rows,) int64 positions tensor."""
+    return model.init_kv_cache(rows, slots, device=device), torch.zeros(rows, dtype=torch.long, device=device)
+
+
 def error_line(err: BaseException) -> str:
     """The line of a (compiler, CUDA) error that says what failed: its last ``SomeError: ...`` line, else its
     first."""
@@ -161,11 +167,9 @@ class DecodeGraphs:
                 log.info("a sampling call started while another of the same shape was unfinished (a stream not "
                          "read to its end?): it decodes in new buffers, without CUDA graphs")
                 self._said_busy = True
-            return self.model.init_kv_cache(rows, slots, device=device), torch.zeros(rows, dtype=torch.long,
-                                                                                      device=device)
+            return new_decode_buffers(self.model, rows, slots, device)
         if kept is None:
-            kept = KeptBuffers(self.model.init_kv_cache(rows, slots, device=device),
-                               torch.zeros(rows, dtype=torch.long, device=device))
+            kept = KeptBuffers(*new_decode_buffers(self.model, rows, slots, device))
         else:
             kept.cache.reset()
         self.buffers.pop(key, None)

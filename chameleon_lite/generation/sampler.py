@@ -45,7 +45,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from chameleon_lite.generation.cuda_graphs import DecodeGraphs, error_line
+from chameleon_lite.generation.cuda_graphs import DecodeGraphs, error_line, new_decode_buffers
 from chameleon_lite.generation.logits import gumbel_noise, mask_top_k_top_p, mix_guidance, pick_tokens
 from chameleon_lite.model import ChameleonLM, KVCache
 from chameleon_lite.vocab import UnifiedVocab
@@ -338,8 +338,7 @@ class Sampler:
         if self.cuda_graphs:  # kept buffers: the graphs recorded on them replay
             cache, next_positions = self._graphs.claim(len(rows), slots, device)
         else:
-            cache = self.model.init_kv_cache(len(rows), slots, device=device)
-            next_positions = torch.zeros(len(rows), dtype=torch.long, device=device)
+            cache, next_positions = new_decode_buffers(self.model, len(rows), slots, device)
         try:
             logits = self.model(ids.to(device), positions=positions.to(device), kv_cache=cache,
                                 token_mask=token_mask.to(device), logits_to_keep=1)[:, -1].float()
