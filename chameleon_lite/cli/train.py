@@ -100,6 +100,8 @@ def check_resume(ckpt_file: str, module: ChameleonLightningModule, dm: Chameleon
     saved = safe_torch_load(ckpt_file, mmap=True)
     old = {**saved.get("hyper_parameters", {}), **saved.get("datamodule_hyper_parameters", {})}
     new = {**module.hparams, **dm.hparams}
+    if isinstance(old.get("optim"), dict):  # (a checkpoint from before optim.name trained with AdamW)
+        old["optim"] = {"name": "adamw", **old["optim"]}
     differences = []
     for key in ("model", "optim", "training_data", "data", "seed"):  # the seed draws the task mix and row order
         if key in old:  # (a checkpoint from before the key was recorded has none)

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from chameleon_lite.data.sequences import IGNORE_INDEX
 from chameleon_lite.model import ChameleonLM, ModelConfig, head_loss
+from chameleon_lite.train.optim import build_optimizer, group_settings, optimizer_name
 from chameleon_lite.vocab import UnifiedVocab
 
 SCHEDULES = ("cosine", "exponential", "constant")
@@ -109,6 +110,7 @@ class ChameleonLightningModule(L.LightningModule):
         if self.model_config.vocab_size < self.vocab.size:
             raise ValueError(f"model.vocab_size={self.model_config.vocab_size} < vocab size {self.vocab.size}")
         lr_lambda(0, optim["warmup_steps"], total_steps, optim["schedule"], optim["min_lr_ratio"])
+        optimizer_name(optim)  # (a bad optim.name fails here, not when the fit builds the optimizer)
         self.model = ChameleonLM(self.model_config)
         self.z_loss_coef = float(optim["z_loss"])
         self.tokenizer_dir = tokenizer_dir
@@ -259,26 +261,11 @@ class ChameleonLightningModule(L.LightningModule):
     # ------------------------------------------------------------------ optimiser
     def configure_optimizers(self):
         o = self.hparams.optim
-        decay, no_decay = [], []
-        # the weights of linear layers decay; norms (per-head QK-norm gains are 2-D too), biases and embeddings
-        # (a tied head included) do not (Chameleon / llama practice). Chosen by module, not by tensor rank: under
-        # FSDP the optimizer is built after wrapping, when every parameter is a flat 1-D view of its shard.
-        embedding = self.model.embed_tokens.weight
-        linear = {id(m.weight) for m in self.model.modules()
-                  if isinstance(m, torch.nn.Linear) and m.weight is not embedding}
-        for p in self.model.parameters():
-            if p.requires_grad:
-                (decay if id(p) in linear else no_decay).append(p)
-        groups = [{"params": params, "weight_decay": wd} for params, wd in zip((decay, no_decay), self._decays(), strict=True)]
-        opt = torch.optim.AdamW(groups, lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"])
+        opt = build_optimizer(self.model, o)
         total = self.hparams.total_steps
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: lr_lambda(s, o["warmup_steps"], total, o["schedule"], o["min_lr_ratio"]))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-    def _decays(self) -> tuple[float, float]:
-        """Weight decay of the optimizer's two parameter groups: linear weights, then the rest."""
-        return self.hparams.optim["weight_decay"], 0.0
 
     def on_train_start(self) -> None:
         """Apply this run's `optim` settings to the optimizer and schedule. After a resume Lightning has loaded
@@ -286,15 +273,15 @@ class ChameleonLightningModule(L.LightningModule):
         learning rate, betas, eps and weight decay, and the first step would run at the rate the old schedule
         left: a ``resume_check=warn`` resume with a new ``optim.lr``, or any resume with a new
         ``trainer.max_steps``, trained with the old settings. A no-op for a fresh run and an exact resume."""
-        o = self.hparams.optim
+        settings = group_settings(self.hparams.optim)
         for config in self.trainer.lr_scheduler_configs:
             sched = config.scheduler
             groups = sched.optimizer.param_groups
-            for group, decay in zip(groups, self._decays(), strict=True):
-                group.update(initial_lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"], weight_decay=decay)
-            sched.base_lrs = [o["lr"]] * len(groups)
-            for group, schedule in zip(groups, sched.lr_lambdas, strict=True):
-                group["lr"] = o["lr"] * schedule(sched.last_epoch)
+            for group, setting in zip(groups, settings, strict=True):
+                group.update(setting, initial_lr=setting["lr"])
+            sched.base_lrs = [setting["lr"] for setting in settings]
+            for group, base, schedule in zip(groups, sched.base_lrs, sched.lr_lambdas, strict=True):
+                group["lr"] = base * schedule(sched.last_epoch)
             sched._last_lr = [group["lr"] for group in groups]
 
     # ------------------------------------------------------------------ checkpoints
