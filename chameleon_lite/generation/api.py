@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 
 from chameleon_lite.checkpoint import load_model
+from chameleon_lite.generation.config import SamplingConfig
 from chameleon_lite.generation.quantize import apply_quantize
-from chameleon_lite.generation.sampler import Sampler, SamplingConfig
+from chameleon_lite.generation.sampler import Sampler
 from chameleon_lite.model import ChameleonLM
 from chameleon_lite.multimodal_tokenizer import MultimodalTokenizer, changed_tokenizer_files
 

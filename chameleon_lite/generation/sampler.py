@@ -1,5 +1,8 @@
 """Sampler: batched prefill + static-KV-cache decoding, Chameleon's modality state machine, and CFG.
 
+What to sample and what a stream yields (`SamplingConfig`, `StepEvent`, `Mode`) live in `config.py`; how
+prompts are checked and become model rows, in `prompts.py`.
+
 One decode step = one model call on the previous token of every row + a handful of tensor ops; rows
 of a batch may sit in different modes at the same step. Per prompt, the state machine is one int
 ``left`` (B,):
@@ -13,15 +16,13 @@ Drawing ``<boi>`` sets ``left = tokens_per_image``; every image code decrements 
 (the finishing token is part of its output) and then emits ``<pad>`` while the other rows go on.
 
 Classifier-free guidance runs G = 2 to 4 rows per prompt in one batch, in blocks
-``[conditional | image-conditioned | negative | unconditional]``. The guidance rows are built from the prompt:
-unconditional = ``<bos>`` (+ the prompt's open image, so ``<bos> caption <boi>`` gives ``<bos> <boi>``),
-image-conditioned = the prompt without its text (``<bos>``, ``<boi>``, codes, ``<eoi>`` only), negative = a
-prompt the caller gives per prompt (e.g. ``<bos> a red square <boi>`` beside ``<bos> a red triangle <boi>``:
-guidance then moves away from what both share towards what only the prompt says). The drawn token
-is fed to every row of its prompt, but guidance rows keep only image context: a generated text token is
-written with ``token_mask`` False (never attended to) and does not advance their positions. Guidance
-mixes the logits of image tokens only (:func:`~chameleon_lite.generation.logits.mix_guidance`); text is
-drawn from the conditional row, as in Chameleon.
+``[conditional | image-conditioned | negative | unconditional]``, built from the prompts (`prompts.py`:
+unconditional = ``<bos>`` + the prompt's open image, image-conditioned = its images without its text,
+negative = a prompt the caller gives). The drawn token is fed to every row of its prompt, but guidance
+rows keep only image context: a generated text token is written with ``token_mask`` False (never attended
+to) and does not advance their positions. Guidance mixes the logits of image tokens only
+(:func:`~chameleon_lite.generation.logits.mix_guidance`); text is drawn from the conditional row, as in
+Chameleon.
 
 Text guidance (``text_cfg_scale``, not in Chameleon) also guides text tokens: the unconditional row then
 keeps every generated token, so for a captioning prompt it holds ``<bos>`` + the caption so far, the
@@ -36,17 +37,17 @@ from __future__ import annotations
 
 import inspect
 import logging
-import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from enum import IntEnum
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from chameleon_lite.generation.config import Mode, SamplingConfig, StepEvent, _check_int
 from chameleon_lite.generation.cuda_graphs import DecodeGraphs, error_line, new_decode_buffers
 from chameleon_lite.generation.logits import gumbel_noise, mask_top_k_top_p, mix_guidance, pick_tokens
+from chameleon_lite.generation.prompts import model_rows
 from chameleon_lite.model import ChameleonLM, KVCache
 from chameleon_lite.vocab import UnifiedVocab
 
@@ -63,20 +64,6 @@ COMPILED_GRAPHS_LIMIT = 64
 
 # Internal mode index of a row, ``left.sign() + 1``: rows of `_Rules.bias` and of the per-mode parameters.
 _TEXT, _END_IMAGE, _IMAGE = 0, 1, 2
-
-
-class Mode(IntEnum):
-    """What produced a streamed token: text mode, image mode (codes and the closing ``<eoi>``), or
-    nothing (``DONE``: the row had finished before this step; its token is ``<pad>``)."""
-
-    TEXT = 0
-    IMAGE = 1
-    DONE = 2
-
-
-def _check_int(name: str, value: object, minimum: int, note: str = "") -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name}={value!r} must be an int >= {minimum}{note}")
 
 
 def _recompile_limit() -> dict[str, Any]:
@@ -103,90 +90,6 @@ def _scale_by_temperature(scores: Tensor, inv_temperature: Tensor) -> Tensor:
     shifted = (scores - scores.amax(dim=-1, keepdim=True)) * inv_temperature[:, None]
     return torch.where(overflow, shifted, scaled)
 
-
-@dataclass(frozen=True)
-class SamplingConfig:
-    """How to draw tokens. Temperature 0 = greedy for that modality; top_k 0 / top_p 1 = no filter.
-
-    - ``max_new_tokens``: upper bound per prompt; a row cut by it may end inside an image.
-    - ``allow_images``: whether ``<boi>`` may be drawn in text mode (an image the prompt opened is always
-      completed).
-    - ``stop_ids``: extra ids that finish a row (``<eos>`` always does). Text-mode ids may be drawn in text
-      mode; ``<eoi>`` is never drawn but forced, so ``stop_ids=(vocab.eoi_id,)`` stops after one image
-      (text -> image). Image-code ids and ``<pad>`` are refused.
-    - ``cfg_scale``: None = no guidance. A float s >= 0 runs an unconditional row beside each prompt and
-      draws image codes from ``u + s * (c - u)``; s = 1 draws exactly the unguided tokens (twice the work).
-    - ``cfg_image_scale``: with ``cfg_scale``, Chameleon's three-row guidance for prompts that contain images:
-      ``u + cfg_image_scale * (i - u) + cfg_scale * (c - i)``, i = the prompt's images without its text.
-    - ``negative_scale``: with ``cfg_scale`` and one negative prompt per prompt (`Sampler.generate`'s
-      ``negatives``): image codes from ``u + cfg_scale * (c - u) + negative_scale * (c - n)``, n = the
-      negative row (the negative prompt + the generated image context). 0 draws the ``cfg_scale`` tokens.
-    - ``text_cfg_scale``: None = text from the conditional row. A float s >= 0 draws text from
-      ``u + s * (c - u)`` (the unconditional row, run with or without ``cfg_scale``, then keeps generated text);
-      s = 1 draws exactly the unguided tokens.
-    - ``seed``: seeds the sampler's own ``torch.Generator``; the global RNG is never touched.
-
-    Tasks by prompt: text completion ``<bos> text``; text -> image ``<bos> caption <boi>`` with
-    ``stop_ids=(eoi_id,)``; captioning ``<bos> <boi> codes <eoi>`` with ``allow_images=False``; interleaved
-    output: any prompt with ``allow_images=True``.
-    """
-
-    max_new_tokens: int = 256
-    text_temperature: float = 1.0
-    text_top_k: int = 0
-    text_top_p: float = 1.0
-    image_temperature: float = 1.0
-    image_top_k: int = 0
-    image_top_p: float = 1.0
-    allow_images: bool = True
-    stop_ids: tuple[int, ...] = ()
-    cfg_scale: float | None = None
-    cfg_image_scale: float | None = None
-    negative_scale: float | None = None
-    text_cfg_scale: float | None = None
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        _check_int("max_new_tokens", self.max_new_tokens, minimum=1)
-        for modality in ("text", "image"):
-            temperature = getattr(self, f"{modality}_temperature")
-            top_k, top_p = getattr(self, f"{modality}_top_k"), getattr(self, f"{modality}_top_p")
-            if not 0 <= temperature < math.inf:  # inf: every logit x 0, NaN
-                raise ValueError(f"{modality}_temperature={temperature!r} must be finite and >= 0 (0 = greedy)")
-            _check_int(f"{modality}_top_k", top_k, minimum=0, note=" (0 = no top-k)")
-            if not 0 < top_p <= 1:
-                raise ValueError(f"{modality}_top_p={top_p!r} must be in (0, 1] (1 = no top-p)")
-        for name in ("cfg_scale", "cfg_image_scale", "negative_scale", "text_cfg_scale"):
-            scale = getattr(self, name)
-            if scale is not None and not 0 <= scale < math.inf:
-                raise ValueError(f"{name}={scale!r} must be finite and >= 0 (or None for no guidance)")
-        if self.cfg_image_scale is not None and self.cfg_scale is None:
-            raise ValueError("cfg_image_scale needs cfg_scale: three-row guidance mixes both scales")
-        if self.negative_scale is not None and self.cfg_scale is None:
-            raise ValueError("negative_scale needs cfg_scale: negative prompts add to classifier-free guidance "
-                             "(cfg_scale=1.0 for negatives alone)")
-        object.__setattr__(self, "stop_ids", tuple(int(i) for i in self.stop_ids))
-
-    @property
-    def guidance_rows(self) -> int:
-        """Model rows per prompt: 1 (no guidance), 2 (cond + uncond), + 1 image-conditioned, + 1 negative."""
-        return 1 + self.unconditional_row + (self.cfg_image_scale is not None) + (self.negative_scale is not None)
-
-    @property
-    def unconditional_row(self) -> bool:
-        """Whether an unconditional row runs beside each prompt (image or text guidance)."""
-        return self.cfg_scale is not None or self.text_cfg_scale is not None
-
-
-@dataclass(frozen=True)
-class StepEvent:
-    """One decode step, per prompt: the token drawn (``<pad>`` for finished rows), the mode it was drawn
-    in, and whether the row has finished (after this step)."""
-
-    step: int
-    tokens: list[int]
-    modes: list[Mode]
-    finished: list[bool]
 
 
 @dataclass
@@ -311,18 +214,9 @@ class Sampler:
             raise ValueError(f"the model is in training mode with dropout (attn_dropout="
                              f"{cfg_model.attn_dropout}, resid_dropout={cfg_model.resid_dropout}): "
                              "call model.eval() before sampling")
-        prompts = [self._check_prompt(i, prompt, cfg) for i, prompt in enumerate(prompts)]
-        if not prompts:
-            raise ValueError("prompts is empty: give at least one prompt (a list of token ids)")
-        self._check_stop_ids(cfg.stop_ids)
-        left = [self._initial_left(i, p) for i, p in enumerate(prompts)]
-        negatives = self._check_negatives(negatives, prompts, left, cfg)
-        rows = list(prompts)  # guidance blocks: [conditional | image-conditioned | negative | unconditional]
-        if cfg.cfg_image_scale is not None:
-            rows += [self._image_context_prompt(p) for p in prompts]
-        rows += negatives
-        if cfg.unconditional_row:
-            rows += [self._unconditional_prompt(p) for p in prompts]
+        # guidance blocks: [conditional | image-conditioned | negative | unconditional]
+        rows, left = model_rows(prompts, negatives, cfg, self.vocab, self.tokens_per_image,
+                                cfg_model.max_seq_len)
 
         device = next(self.model.parameters()).device
         width = max(len(r) for r in rows)
@@ -349,7 +243,7 @@ class Sampler:
         next_positions.copy_(lengths)
         generator = torch.Generator(device=device)
         generator.manual_seed(cfg.seed)
-        n = len(prompts)
+        n = len(left)
         return _Decoding(
             cfg=cfg, rules=self._rules(cfg, device, images_reachable=cfg.allow_images or max(left) >= 0),
             cache=cache, generator=generator, logits=logits,
@@ -358,77 +252,6 @@ class Sampler:
             lengths=torch.zeros(n, dtype=torch.long, device=device),
             out=torch.full((n, cfg.max_new_tokens), self.vocab.pad_id, dtype=torch.long, device=device),
         )
-
-    def _check_prompt(self, index: int, prompt: Sequence[int], cfg: SamplingConfig,
-                      what: str = "prompt") -> list[int]:
-        ids = [int(t) for t in prompt]
-        limit = self.model.cfg.max_seq_len - cfg.max_new_tokens
-        if not ids:
-            raise ValueError(f"{what} {index} is empty: a prompt needs at least one token (usually <bos>)")
-        if len(ids) > limit:
-            raise ValueError(f"{what} {index} has {len(ids)} tokens, more than the limit {limit} = model "
-                             f"max_seq_len {self.model.cfg.max_seq_len} - max_new_tokens "
-                             f"{cfg.max_new_tokens}: shorten the prompt or lower max_new_tokens")
-        bad = [t for t in ids if not 0 <= t < self.vocab.size]
-        if bad:
-            raise ValueError(f"{what} {index} has ids {bad[:5]} outside the vocab [0, {self.vocab.size}) "
-                             f"({self.vocab.layout.describe()})")
-        return ids
-
-    def _check_negatives(self, negatives: Sequence[Sequence[int]] | None, prompts: list[list[int]],
-                         left: list[int], cfg: SamplingConfig) -> list[list[int]]:
-        """The negative rows: one per prompt when ``cfg.negative_scale`` is set, none otherwise."""
-        if cfg.negative_scale is None:
-            if negatives is not None:
-                raise ValueError("negatives were given but cfg.negative_scale is None: set negative_scale "
-                                 "(e.g. 1.0) to guide away from them")
-            return []
-        if negatives is None or len(negatives) != len(prompts):
-            got = "none" if negatives is None else len(negatives)
-            raise ValueError(f"cfg.negative_scale={cfg.negative_scale} needs one negative prompt per prompt: "
-                             f"{len(prompts)} prompts, {got} negatives")
-        rows = [self._check_prompt(i, n, cfg, what="negative prompt") for i, n in enumerate(negatives)]
-        for i, (row, state) in enumerate(zip(rows, left)):
-            if self._initial_left(i, row) != state:
-                raise ValueError(f"negative prompt {i} must leave the same image open as prompt {i} (for text "
-                                 "-> image both end in <boi>): its guidance row is fed the same image codes")
-        return rows
-
-    def _check_stop_ids(self, stop_ids: tuple[int, ...]) -> None:
-        for i in stop_ids:
-            used = self.vocab.image_offset + self.vocab.n_image  # above: padding ids the model never learnt
-            if not 0 <= i < used or i == self.vocab.pad_id or self.vocab.is_image_id(i):
-                raise ValueError(f"stop id {i} must be a non-image, non-<pad> id in [0, {used}): image codes are "
-                                 "drawn only inside an image, <pad> marks finished rows, ids from "
-                                 f"{used} up only pad the vocabulary")
-
-    def _initial_left(self, index: int, prompt: list[int]) -> int:
-        """Modality state after the prompt: -1 (text) unless its last ``<boi>`` is still open."""
-        open_at = self._open_image_start(prompt)
-        if open_at is None:
-            return -1
-        codes = prompt[open_at + 1:]
-        if not all(self.vocab.is_image_id(t) for t in codes) or len(codes) > self.tokens_per_image:
-            raise ValueError(f"prompt {index} ends inside an image (<boi> at position {open_at}) but what "
-                             f"follows is not at most tokens_per_image={self.tokens_per_image} image codes")
-        return self.tokens_per_image - len(codes)
-
-    def _open_image_start(self, prompt: list[int]) -> int | None:
-        """Index of the prompt's last ``<boi>`` if no ``<eoi>`` follows it, else None."""
-        boi = max((i for i, t in enumerate(prompt) if t == self.vocab.boi_id), default=-1)
-        eoi = max((i for i, t in enumerate(prompt) if t == self.vocab.eoi_id), default=-1)
-        return boi if boi > eoi else None
-
-    def _image_context_prompt(self, prompt: list[int]) -> list[int]:
-        """The prompt without its text: ``<bos>``, ``<boi>``, ``<eoi>`` and image codes (never empty)."""
-        v = self.vocab
-        kept = [t for t in prompt if t in (v.bos_id, v.boi_id, v.eoi_id) or v.is_image_id(t)]
-        return kept or [v.bos_id]
-
-    def _unconditional_prompt(self, prompt: list[int]) -> list[int]:
-        """``<bos>`` plus the prompt's open image, if any (``<bos> caption <boi>`` -> ``<bos> <boi>``)."""
-        open_at = self._open_image_start(prompt)
-        return [self.vocab.bos_id] + (prompt[open_at:] if open_at is not None else [])
 
     def _rules(self, cfg: SamplingConfig, device: torch.device, images_reachable: bool) -> _Rules:
         """Tensors of `_Rules`. Without reachable image mode (no ``<boi>`` allowed, no open image), the image

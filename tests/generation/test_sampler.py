@@ -6,6 +6,7 @@ import torch
 
 from chameleon_lite.generation import Mode, Sampler, SamplingConfig, cuda_graphs
 from chameleon_lite.generation import sampler as sampler_module
+from chameleon_lite.generation.prompts import image_context_prompt, unconditional_prompt
 from chameleon_lite.generation.sampler import _scale_by_temperature
 from chameleon_lite.model import ChameleonLM, ModelConfig
 from chameleon_lite.vocab import UnifiedVocab
@@ -124,13 +125,13 @@ def test_cached_decoding_matches_full_forward_for_every_model_row(sampler, model
             if step == 0 or (fed[i][-1:] == context[-1:] and g > 1):
                 image_after_text += len(context) < len(fed[i])
                 if cfg.cfg_image_scale is not None:
-                    rows[1] = sampler._image_context_prompt(prompt) + context
+                    rows[1] = image_context_prompt(prompt, vocab) + context
                 if negated:
                     rows[g - 2] = negatives[i] + context
                 if cfg.cfg_scale is not None:
-                    rows[g - 1] = sampler._unconditional_prompt(prompt) + context
+                    rows[g - 1] = unconditional_prompt(prompt, vocab) + context
             if text_guided:
-                rows[g - 1] = sampler._unconditional_prompt(prompt) + fed[i]
+                rows[g - 1] = unconditional_prompt(prompt, vocab) + fed[i]
             for block, ids in rows.items():
                 expected = _full_logits(model, ids)
                 torch.testing.assert_close(run.logits[block * n + i, head], expected[head], atol=1e-5,
