@@ -10,13 +10,11 @@ An ``image`` + ``text`` record becomes one text->image or image->text document p
 drawn from ``data.tasks`` as for the shapes world; a ``segments`` record becomes one interleaved
 document in its own order (every segment is a loss target).
 
-Images are VQ-encoded once. Their codes live in a content-addressed store in ``data.cache_dir``,
-one file per image tokenizer (keyed by the digests of ``vq.safetensors`` and ``vq.yaml``) holding
-one row per distinct image *file content*: editing the JSONL, adding or renaming files encodes
-only contents the store has not seen, and a retrained VQ starts a new store. The store is a single
-safetensors file (codes + the content digests and image sizes in its metadata) replaced atomically,
-so a crash never leaves codes and index out of step; its builders take turns (``build_lock``), so a
-second process (a torchrun rank, a run sharing ``data.cache_dir``) waits, then finds the codes.
+Images are VQ-encoded once. Their codes live in a content-addressed store in ``data.cache_dir``
+(:mod:`chameleon_lite.data.image_code_store`), one file per image tokenizer holding one row per
+distinct image *file content*: editing the JSONL, adding or renaming files encodes only contents the
+store has not seen, and a retrained VQ starts a new store. Its builders take turns (``build_lock``), so
+a second process (a torchrun rank, a run sharing ``data.cache_dir``) waits, then finds the codes.
 ``data.max_pixels`` and ``data.min_side`` apply at every start, to stored images too (through their
 stored sizes; a store written before sizes were stored learns them from the files' headers).
 Unreadable images are not stored: they are checked (and reported) again on every start, so a fixed
@@ -43,15 +41,19 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from chameleon_lite.config import ConfigError, resolve_path
+from chameleon_lite.data.image_code_store import (
+    ImageCodeStore,
+    JsonlCacheError,  # noqa: F401 (re-exported: raised by read_store)
+    read_store,
+    store_path,
+    write_store,
+)
 from chameleon_lite.data.sequences import Document, ImageSegment, SequenceBuilder, TextSegment
-from chameleon_lite.data.token_cache import cache_key
-from chameleon_lite.files import atomic_path, build_lock, file_digest
+from chameleon_lite.files import build_lock, file_digest
 from chameleon_lite.multimodal_tokenizer import MultimodalTokenizer
 from chameleon_lite.vq.image_io import ImageLoadError, check_image_size, load_image
 
@@ -84,10 +86,6 @@ T = TypeVar("T")
 
 class JsonlRecordError(ValueError):
     """A bad record under ``data.strict=true``: the message names ``file:line``, the problem and the fix."""
-
-
-class JsonlCacheError(ValueError):
-    """The image-code store on disk does not fit the image tokenizer; the message names the file."""
 
 
 @dataclass(frozen=True)
@@ -155,16 +153,6 @@ class SkipReport:
 
 
 @dataclass
-class _CodeStore:
-    """The image-code store: row i holds the codes of the image whose content digest is ``digests[i]`` and its
-    ``sizes[i]`` (width, height), None in a store written before sizes were stored."""
-
-    digests: list[str]
-    sizes: list[tuple[int, int] | None]
-    codes: Tensor  # (n, tokens_per_image) int32
-
-
-@dataclass
 class _Pending:
     """A parsed record whose images (resolved paths) are not encoded yet."""
 
@@ -203,16 +191,16 @@ def load_or_build_jsonl_cache(cfg: DictConfig, path: str | Path, tok: Multimodal
     pending = [p for p in (_parse_line(source, number, raw, report)
                            for number, raw in enumerate(source.read_bytes().splitlines(), start=1)) if p]
     _hash_images(pending, report)
-    store_path = _store_path(Path(cfg.cache_dir), Path(tokenizer_dir))
+    store_file = store_path(Path(cfg.cache_dir), Path(tokenizer_dir))
     # one builder at a time: another process building the same store (a torchrun rank, a run sharing
     # data.cache_dir) holds the lock while it encodes; this one then reads what it wrote
-    with build_lock(store_path.with_suffix(".lock")):
-        store = _read_store(store_path, tok)
+    with build_lock(store_file.with_suffix(".lock")):
+        store = read_store(store_file, tok)
         n_stored = len(store.digests)
         if _check_and_encode(pending, store, tok, cfg, report):
-            _write_store(store_path, store)
+            write_store(store_file, store)
             if len(store.digests) > n_stored:  # (else it only learnt the sizes of images stored without them)
-                log.info("image-code store %s: encoded %d new images (%d in total)", store_path,
+                log.info("image-code store %s: encoded %d new images (%d in total)", store_file,
                          len(store.digests) - n_stored, len(store.digests))
     cache = _assemble(pending, dict(zip(store.digests, range(len(store.digests)))), store.codes, tok, cfg, report)
     n_skipped = sum(skipped.values()) - before
@@ -328,7 +316,7 @@ def _hash_images(pending: list[_Pending], report: SkipReport) -> None:
     pending[:] = keep
 
 
-def _check_and_encode(pending: list[_Pending], store: _CodeStore, tok: MultimodalTokenizer, cfg: DictConfig,
+def _check_and_encode(pending: list[_Pending], store: ImageCodeStore, tok: MultimodalTokenizer, cfg: DictConfig,
                       report: SkipReport) -> bool:
     """Apply ``data.max_pixels`` / ``data.min_side`` to every image the records use, and load + VQ-encode those
     the store lacks into it, ``ENCODE_BATCH`` files at a time.
@@ -412,49 +400,6 @@ def _header_size(path: Path) -> tuple[int, int] | None:
 def image_reason(message: str) -> str:
     """The skip reason of an :class:`ImageLoadError` message (finer than ``REASON_BAD_IMAGE`` where known)."""
     return next((reason for fragment, reason in IMAGE_REASONS if fragment in message), REASON_BAD_IMAGE)
-
-
-# ---------------------------------------------------------------------------------------- store
-def _store_path(cache_dir: Path, tokenizer_dir: Path) -> Path:
-    settings = {"source": "jsonl-images", "vq": file_digest(tokenizer_dir / "vq.safetensors"),
-                "vq_config": file_digest(tokenizer_dir / "vq.yaml")}
-    return cache_dir / f"jsonl-images-{cache_key(settings)}.safetensors"
-
-
-def _read_store(path: Path, tok: MultimodalTokenizer) -> _CodeStore:
-    """The store at ``path``; empty if it does not exist yet."""
-    tpi = tok.tokens_per_image
-    if not path.is_file():
-        return _CodeStore([], [], torch.empty(0, tpi, dtype=torch.int32))
-    fix = "delete the file to rebuild it"
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            digests = json.loads(metadata.get("digests", "null"))
-            sizes = json.loads(metadata.get("sizes", "null"))  # null: written before sizes were stored
-            codes = f.get_tensor("codes")
-    except (SafetensorError, OSError, json.JSONDecodeError) as err:
-        raise JsonlCacheError(f"{path}: unreadable image-code store ({err}); {fix}") from None
-    if not isinstance(digests, list) or codes.ndim != 2 or len(digests) != codes.shape[0]:
-        raise JsonlCacheError(f"{path}: image-code store index and codes disagree; {fix}")
-    sizes = [None] * len(digests) if sizes is None else sizes
-    if not isinstance(sizes, list) or len(sizes) != len(digests) or not all(
-            size is None or (isinstance(size, list) and len(size) == 2 and all(isinstance(n, int) for n in size))
-            for size in sizes):
-        raise JsonlCacheError(f"{path}: image-code store sizes do not match its index; {fix}")
-    if codes.shape[1] != tpi:
-        raise JsonlCacheError(f"{path}: stored images have {codes.shape[1]} codes but the image tokenizer makes "
-                              f"{tpi}; {fix}")
-    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= tok.vocab.n_image):
-        raise JsonlCacheError(f"{path}: stored codes span [{int(codes.min())}, {int(codes.max())}], outside the "
-                              f"codebook [0, {tok.vocab.n_image}) of the configured tokenizers; {fix}")
-    return _CodeStore(digests, [None if size is None else tuple(size) for size in sizes], codes)
-
-
-def _write_store(path: Path, store: _CodeStore) -> None:
-    with atomic_path(path) as tmp:
-        save_file({"codes": store.codes.contiguous()}, str(tmp),
-                  metadata={"digests": json.dumps(store.digests), "sizes": json.dumps(store.sizes)})
 
 
 # ---------------------------------------------------------------------------------------- records
