@@ -3,7 +3,8 @@
 MFU = `ChameleonLM.flops_per_token(seq_len)` x training tokens/s / peak, where the peak is the best
 rate of a large square matmul in the same precision, measured by this script in this run (before
 and after the training runs, best of both), with the same threads and clock. A training step is
-forward + `head_loss` + backward + fused AdamW (as in bench_train.py and `chameleon-train`).
+forward + `head_loss` + backward + an optimizer step: fused AdamW (as in bench_train.py), or with
+``--optim adamw,muon`` the optimizers ``chameleon-train optim=adamw|muon`` builds, with their conf/optim settings.
 
     python benchmarks/bench_mfu.py                   # tiny and small presets, fp32 and bf16
     python benchmarks/bench_mfu.py --compile         # adds compiled decoder blocks (chameleon-train compile=true)
@@ -12,6 +13,8 @@ forward + `head_loss` + backward + fused AdamW (as in bench_train.py and `chamel
         --attn sdpa,xformers --docs 4                # a GPU: packed rows, both attention backends
     python benchmarks/bench_mfu.py --shapes tiny,384x4,256x8,384x6,512x4,512x6,small --precision bf16 \
         --batch 12 --seq-len 352 --vocab 896        # the shapes recipe's step at other model shapes
+    python benchmarks/bench_mfu.py --shapes tiny,small --precision bf16 --batch 12 --seq-len 352 --vocab 896 \
+        --optim adamw,muon                           # the recipe's step with AdamW and with Muon
 """
 
 from __future__ import annotations
@@ -53,6 +56,23 @@ def shape_config(shape: str, vocab: int) -> ModelConfig:
     return ModelConfig.from_preset(shape, vocab_size=vocab)
 
 
+#: ``--optim`` choices: the bench's own fused AdamW, or a training optimizer with its ``conf/optim`` settings
+#: (`chameleon_lite.train.optim.build_optimizer`: what ``chameleon-train optim=NAME`` steps).
+OPTIMIZERS = {"fused-adamw": "fused AdamW", "adamw": "optim=adamw", "muon": "optim=muon"}
+
+
+def make_optimizer(name: str, model: ChameleonLM) -> torch.optim.Optimizer | None:
+    """``--optim`` NAME over ``model`` (None: `training_step`'s default, fused AdamW)."""
+    if name == "fused-adamw":
+        return None
+    from omegaconf import OmegaConf
+
+    from chameleon_lite.config import compose_config
+    from chameleon_lite.train.optim import build_optimizer
+
+    return build_optimizer(model, OmegaConf.to_container(compose_config("train", [f"optim={name}"]).optim))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default="tiny,small",
@@ -70,6 +90,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--attn", default="sdpa", help="comma list of attention backends: sdpa, xformers (CUDA)")
     parser.add_argument("--docs", type=int, default=1, help="documents packed per row (doc_lens; 1: plain causal)")
+    parser.add_argument("--optim", default="fused-adamw",
+                        help=f"comma list of {', '.join(OPTIMIZERS)} (adamw, muon: the training's, conf/optim)")
     parser.add_argument("--quick", action="store_true", help="tiny smoke run: a few seconds")
     args = parser.parse_args()
     if args.quick:
@@ -92,16 +114,17 @@ def main() -> None:
     rows = []
     for shape in args.shapes.split(","):
         cfg = shape_config(shape, args.vocab)
-        for attn, precision, compiled in itertools.product(args.attn.split(","), precisions,
-                                                          (False, True) if args.compile else (False,)):
+        for optim, attn, precision, compiled in itertools.product(
+                args.optim.split(","), args.attn.split(","), precisions, (False, True) if args.compile else (False,)):
             torch.manual_seed(0)
             model = ChameleonLM(dataclasses.replace(cfg, attn_impl=attn)).to(args.device).train()
             if compiled:
                 model.compile_blocks()
-            step = training_step(model, False, ids, doc_lens, precision)
+            step = training_step(model, False, ids, doc_lens, precision, optimizer=make_optimizer(optim, model))
             step()
             seconds = min(seconds_per_step(step, args.steps, clock) for _ in range(args.rounds))
-            rows.append((shape, attn, precision, "compiled" if compiled else "eager", model, tokens / seconds))
+            rows.append((shape, OPTIMIZERS[optim], attn, precision, "compiled" if compiled else "eager", model,
+                         tokens / seconds))
             del model, step
     peaks = {p: max(peaks[p], matmul_peak(args.peak_size, p, 5, clock, args.device)) for p in precisions}
 
@@ -115,14 +138,14 @@ def main() -> None:
     print(f"| precision | matmul peak, GFLOP/s (measured, {args.peak_size}^3) |\n|---|---|")
     for precision, peak in peaks.items():
         print(f"| {precision} | {peak / 1e9:,.0f} |")
-    print("\n| shape | attention | precision | blocks | params excl. embedding table | model FLOPs/token | tok/s "
-          "| ms/step | achieved GFLOP/s | MFU |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for shape, attn, precision, blocks, model, tok_per_s in rows:
+    print("\n| shape | optimizer | attention | precision | blocks | params excl. embedding table | model FLOPs/token "
+          "| tok/s | ms/step | achieved GFLOP/s | MFU |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for shape, optim, attn, precision, blocks, model, tok_per_s in rows:
         flops = model.flops_per_token(args.seq_len)
         achieved = flops * tok_per_s
         print(
-            f"| {shape} | {attn} | {precision} | {blocks} | {model.num_params(exclude_embeddings=True) / 1e6:.1f}M | "
+            f"| {shape} | {optim} | {attn} | {precision} | {blocks} | {model.num_params(exclude_embeddings=True) / 1e6:.1f}M | "
             f"{flops / 1e6:.1f}M | {tok_per_s:,.0f} | {1000 * tokens / tok_per_s:,.1f} | {achieved / 1e9:,.1f} | "
             f"{achieved / peaks[precision]:.0%} |"
         )

@@ -61,12 +61,13 @@ def hf_twin(cfg: ModelConfig) -> nn.Module:
 
 def training_step(
     model: nn.Module, is_hf: bool, ids: torch.Tensor, doc_lens: torch.Tensor | None, precision: str,
-    fused_head: bool = True,
+    fused_head: bool = True, optimizer: torch.optim.Optimizer | None = None,
 ) -> Callable[[], None]:
     """A closure running one optimiser step; the language-model parameters only (not HF's VQ-VAE).
-    `fused_head=False`: chameleon-lite's full logits + `lm_loss` instead of `head_loss`."""
+    `fused_head=False`: chameleon-lite's full logits + `lm_loss` instead of `head_loss`. `optimizer`: over
+    `model`'s parameters (default: fused AdamW)."""
     params = [p for name, p in model.named_parameters() if not name.startswith("model.vqmodel")]
-    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)
+    optimizer = optimizer or torch.optim.AdamW(params, lr=1e-4, fused=True)
     labels = ids.roll(-1, dims=1)
     labels[:, -1] = -100
     dtype = PRECISIONS[precision]
