@@ -9,6 +9,7 @@ import torch
 from chameleon_lite.cli.train import train
 from chameleon_lite.config import ConfigError
 from chameleon_lite.model import ChameleonLM, ModelConfig
+from chameleon_lite.train.module import lr_lambda
 from chameleon_lite.train.optim import MuonWithAdamW, build_optimizer, group_settings, parameter_groups
 
 MUON = {"name": "muon", "lr": 1e-2, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1,
@@ -116,3 +117,11 @@ def test_muon_trains_checkpoints_and_resumes_to_the_same_losses(tiny_train_cfg, 
     # the run's optimizer is part of what a resume must keep
     with pytest.raises(ConfigError, match=r"optim.name: 'muon' in the checkpoint, 'adamw' now"):
         train(tiny_train_cfg(f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", "trainer.max_steps=9"))
+    # resume_check=warn with a new lr and Muon scale: every group continues from its own new base rate
+    train(tiny_train_cfg("optim=muon", "callbacks.loss_curve=null", "export_weights=false", "ckpt_path=last",
+                         "trainer.max_steps=8", "optim.lr=0.5", "optim.muon.lr_scale=0.1", "resume_check=warn"))
+    with open(run / "logs" / "metrics.csv") as f:
+        lrs = {int(r["step"]): [float(r[f"lr-MuonWithAdamW/pg{g}"]) for g in (1, 2, 3)]
+               for r in csv.DictReader(f) if r.get("lr-MuonWithAdamW/pg1")}
+    scale = lr_lambda(7, 2, 8, "cosine", 0.1)
+    assert lrs[7] == pytest.approx([0.05 * scale, 0.5 * scale, 0.5 * scale])
