@@ -18,10 +18,15 @@ parameter is a flat 1-D view of its shard (which Muon cannot orthogonalise: `bui
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
 from torch import nn
+
+from chameleon_lite.train.trainer import cpu_has_native_bf16
+
+log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("adamw", "muon")
 
@@ -77,6 +82,11 @@ def build_optimizer(model: nn.Module, o: dict) -> torch.optim.Optimizer:
     groups = parameter_groups(model, o)
     if optimizer_name(o) == "adamw":
         return torch.optim.AdamW(groups, lr=o["lr"])
+    on_cpu = any(p.device.type == "cpu" for p in groups[0]["params"])
+    if on_cpu and cpu_has_native_bf16() is False:
+        log.warning("optim.name=muon on a CPU without native bf16 (no AVX512-BF16, no AMX): torch.optim.Muon runs "
+                    "its Newton-Schulz iterations in bf16, which this CPU emulates, so each step takes several "
+                    "times longer; optim=adamw (experiment=shapes_cpu) trains at full speed here")
     return MuonWithAdamW(torch.optim.Muon(groups[:1], lr=groups[0]["lr"]), torch.optim.AdamW(groups[1:], lr=o["lr"]))
 
 

@@ -88,6 +88,17 @@ def test_flat_fsdp_shards_are_refused_naming_the_strategy_to_use():
         build_optimizer(model, MUON)
 
 
+@pytest.mark.parametrize("native", [True, False, None])
+def test_muon_warns_on_a_cpu_that_emulates_bf16_only(monkeypatch, caplog, native):
+    monkeypatch.setattr("chameleon_lite.train.optim.cpu_has_native_bf16", lambda: native)
+    with caplog.at_level("WARNING", logger="chameleon_lite.train.optim"):
+        build_optimizer(_model(), MUON)
+        build_optimizer(_model(), {**MUON, "name": "adamw"})
+    warned = [r.getMessage() for r in caplog.records if "without native bf16" in r.getMessage()]
+    assert len(warned) == (native is False)  # None: not an x86 CPU torch can tell about; AdamW never warns
+    assert all("optim=adamw" in m for m in warned)
+
+
 def test_an_unknown_optimizer_is_named_at_config_time(tiny_train_cfg):
     with pytest.raises(ValueError, match=r"optim.name='lion' is invalid: use adamw, muon"):
         train(tiny_train_cfg("optim.name=lion"))
@@ -125,3 +136,14 @@ def test_muon_trains_checkpoints_and_resumes_to_the_same_losses(tiny_train_cfg, 
                for r in csv.DictReader(f) if r.get("lr-MuonWithAdamW/pg1")}
     scale = lr_lambda(7, 2, 8, "cosine", 0.1)
     assert lrs[7] == pytest.approx([0.05 * scale, 0.5 * scale, 0.5 * scale])
+
+
+def test_the_muon_recipe_is_the_recipe_with_muon_for_the_same_cpu_time():
+    from conftest import compose_config
+
+    adamw, muon = (compose_config("train", [f"experiment={e}"]) for e in ("shapes_cpu", "shapes_cpu_muon"))
+    assert (adamw.optim.name, muon.optim.name) == ("adamw", "muon")
+    assert muon.trainer.max_steps == 2400 < adamw.trainer.max_steps == 2800
+    for key in ("model", "data"):
+        assert muon[key] == adamw[key], key
+    assert {k: v for k, v in muon.optim.items() if k not in ("name", "muon")} == {k: v for k, v in adamw.optim.items() if k != "name"}
