@@ -56,10 +56,13 @@ def parameter_groups(model: nn.Module, o: dict) -> list[dict[str, Any]]:
         hidden = linear - {id(head)}
         members = [[p for p in trainable if id(p) in hidden], [p for p in trainable if p is head],
                    [p for p in trainable if id(p) not in linear]]
-        if flat := [tuple(p.shape) for p in members[0] if p.ndim != 2]:
-            raise ValueError(f"optim.name=muon orthogonalises weight matrices, but {len(flat)} hidden weights are "
-                             f"not 2-D (shapes {flat[:3]}): FSDP flattens parameters into 1-D shards. Train "
-                             "with trainer=ddp (or another strategy that keeps each weight whole), or use optim=adamw")
+        flat = [tuple(p.shape) for p in members[0] if p.ndim != 2]
+        if flat or not members[0]:  # (none: the wrapper's flat parameters are not the layers' weights)
+            found = f"{len(flat)} hidden weights are not 2-D (shapes {flat[:3]})" if flat else "no hidden weight " \
+                "is a trainable parameter of the model (all frozen, or held in a wrapper's flat parameters)"
+            raise ValueError(f"optim.name=muon orthogonalises weight matrices, but {found}: FSDP flattens parameters "
+                             "into 1-D shards. Train with trainer=ddp (or another strategy that keeps each weight "
+                             "whole), or use optim=adamw")
     return [{"params": params, **settings} for params, settings in zip(members, group_settings(o), strict=True)]
 
 

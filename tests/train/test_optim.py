@@ -86,6 +86,12 @@ def test_flat_fsdp_shards_are_refused_naming_the_strategy_to_use():
     layer.weight = torch.nn.Parameter(layer.weight.detach().flatten())  # what FSDP leaves: a 1-D view
     with pytest.raises(ValueError, match=r"optim.name=muon .* not 2-D .*trainer=ddp .*optim=adamw"):
         build_optimizer(model, MUON)
+    for block in model.layers:  # flat parameters held elsewhere: no layer weight is a model parameter
+        for layer in (block.attention.qkv_proj, block.attention.o_proj, block.feed_forward.gate_up_proj,
+                      block.feed_forward.down_proj):
+            layer.weight.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"optim.name=muon .* no hidden weight is a trainable parameter.*trainer=ddp"):
+        build_optimizer(model, MUON)
 
 
 @pytest.mark.parametrize("native", [True, False, None])
