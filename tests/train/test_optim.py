@@ -21,10 +21,14 @@ def _model(**extra) -> ChameleonLM:
     return ChameleonLM(ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, max_seq_len=16, **extra))
 
 
-def _train_step(model: ChameleonLM, opt: torch.optim.Optimizer, seed: int) -> None:
+def _backward(model: ChameleonLM, seed: int) -> None:
     torch.manual_seed(seed)
     tokens = torch.randint(0, 64, (2, 16))
     model(tokens).float().log_softmax(-1)[..., 0].mean().neg().backward()
+
+
+def _train_step(model: ChameleonLM, opt: torch.optim.Optimizer, seed: int) -> None:
+    _backward(model, seed)
     opt.step()
     opt.zero_grad()
 
@@ -51,9 +55,7 @@ def test_one_step_is_torch_muon_and_adamw_stepped_side_by_side():
     muon, adamw = torch.optim.Muon(groups[:1]), torch.optim.AdamW(groups[1:])
     for seed in (1, 2):
         _train_step(model, opt, seed)
-        torch.manual_seed(seed)
-        tokens = torch.randint(0, 64, (2, 16))
-        reference(tokens).float().log_softmax(-1)[..., 0].mean().neg().backward()
+        _backward(reference, seed)
         muon.step(), adamw.step(), muon.zero_grad(), adamw.zero_grad()
     for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
         assert torch.equal(p, q), name
