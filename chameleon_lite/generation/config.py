@@ -19,7 +19,7 @@ class Mode(IntEnum):
     DONE = 2
 
 
-def _check_int(name: str, value: object, minimum: int, note: str = "") -> None:
+def check_int(name: str, value: object, minimum: int, note: str = "") -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name}={value!r} must be an int >= {minimum}{note}")
 
@@ -67,13 +67,13 @@ class SamplingConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _check_int("max_new_tokens", self.max_new_tokens, minimum=1)
+        check_int("max_new_tokens", self.max_new_tokens, minimum=1)
         for modality in ("text", "image"):
             temperature = getattr(self, f"{modality}_temperature")
             top_k, top_p = getattr(self, f"{modality}_top_k"), getattr(self, f"{modality}_top_p")
             if not 0 <= temperature < math.inf:  # inf: every logit x 0, NaN
                 raise ValueError(f"{modality}_temperature={temperature!r} must be finite and >= 0 (0 = greedy)")
-            _check_int(f"{modality}_top_k", top_k, minimum=0, note=" (0 = no top-k)")
+            check_int(f"{modality}_top_k", top_k, minimum=0, note=" (0 = no top-k)")
             if not 0 < top_p <= 1:
                 raise ValueError(f"{modality}_top_p={top_p!r} must be in (0, 1] (1 = no top-p)")
         for name in ("cfg_scale", "cfg_image_scale", "negative_scale", "text_cfg_scale"):

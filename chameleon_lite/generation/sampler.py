@@ -44,7 +44,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from chameleon_lite.generation.config import Mode, SamplingConfig, StepEvent, _check_int
+from chameleon_lite.generation.config import Mode, SamplingConfig, StepEvent, check_int
 from chameleon_lite.generation.cuda_graphs import DecodeGraphs, error_line, new_decode_buffers
 from chameleon_lite.generation.logits import gumbel_noise, mask_top_k_top_p, mix_guidance, pick_tokens
 from chameleon_lite.generation.prompts import model_rows
@@ -153,7 +153,7 @@ class Sampler:
             raise ValueError(f"the model has vocab_size={model.cfg.vocab_size} but the vocab has size "
                              f"{vocab.size} ({vocab.layout.describe()}): use the vocab the model was "
                              "trained with")
-        _check_int("tokens_per_image", tokens_per_image, minimum=1)
+        check_int("tokens_per_image", tokens_per_image, minimum=1)
         self.model, self.vocab, self.tokens_per_image = model, vocab, tokens_per_image
         self._decode_call = self._feed_and_draw
         device = next(model.parameters()).device
