@@ -32,10 +32,8 @@ import json
 import logging
 import warnings
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
 
 import numpy as np
 import torch
@@ -52,6 +50,20 @@ from chameleon_lite.data.image_code_store import (
     store_path,
     write_store,
 )
+from chameleon_lite.data.records import (  # noqa: F401 (REASON_* re-exported: the skip reasons of this source)
+    REASON_BAD_IMAGE,
+    REASON_BAD_JSON,
+    REASON_BAD_RECORD,
+    REASON_EMPTY_TEXT,
+    REASON_MISSING_IMAGE,
+    REASON_NOT_UTF8,
+    REASON_TOO_LONG,
+    REASON_UNKNOWN_SEGMENT,
+    SkipReport,
+    check_text,
+    image_reason,
+    parse_segments,
+)
 from chameleon_lite.data.sequences import Document, ImageSegment, SequenceBuilder, TextSegment
 from chameleon_lite.files import build_lock, file_digest
 from chameleon_lite.multimodal_tokenizer import MultimodalTokenizer
@@ -59,29 +71,9 @@ from chameleon_lite.vq.image_io import ImageLoadError, check_image_size, load_im
 
 log = logging.getLogger(__name__)
 
-# Skip reasons: the keys this source adds to ``ChameleonDataModule.skipped``.
-REASON_NOT_UTF8 = "text is not valid UTF-8"
-REASON_BAD_JSON = "malformed JSON line"
-REASON_BAD_RECORD = "malformed record (expected image+text or segments)"
-REASON_UNKNOWN_SEGMENT = "unknown segment type"
-REASON_EMPTY_TEXT = "empty text"
-REASON_MISSING_IMAGE = "image file missing"
-REASON_TOO_LONG = "document longer than seq_len (data.overflow=reject)"
-REASON_BAD_IMAGE = "unreadable image"
-#: ImageLoadError message fragments (chameleon_lite.vq.image_io) -> a finer reason than REASON_BAD_IMAGE.
-IMAGE_REASONS: tuple[tuple[str, str], ...] = (
-    ("file is empty", "image file is empty (0 bytes)"),
-    ("exceeds max_pixels", "image above data.max_pixels"),
-    ("smaller than min_side", "image below data.min_side"),
-    ("corrupt or truncated", "image data corrupt or truncated"),
-    ("not a readable image", "not a readable image file"),
-)
-MAX_LOGGED_SKIPS = 20  # per JSONL file, skipped records are logged one by one up to here, then only counted
 ENCODE_BATCH = 64
-STRICT_HINT = "(data.strict=true stops at the first bad record; data.strict=false skips and counts them)"
 
 Part = tuple[str, str | int]  # ("text", text) or ("image", row of JsonlCache.codes)
-T = TypeVar("T")
 
 
 class JsonlRecordError(ValueError):
@@ -130,29 +122,6 @@ class JsonlCache:
 
 
 @dataclass
-class SkipReport:
-    """Counts (or, strict, raises ``error`` for) bad records; logs the first ``MAX_LOGGED_SKIPS`` with ``where``.
-
-    ``where`` locates the record for the user: ``file:line`` here, ``shard:key`` for the webdataset source.
-    """
-
-    skipped: Counter
-    strict: bool
-    error: type[ValueError] = JsonlRecordError
-    logged: int = 0
-
-    def __call__(self, where: str, reason: str, detail: str, fix: str) -> None:
-        if self.strict:
-            raise self.error(f"{where}: {detail}; {fix} {STRICT_HINT}")
-        self.skipped[reason] += 1
-        self.logged += 1
-        if self.logged <= MAX_LOGGED_SKIPS:
-            log.warning("skipping record %s: %s [counted as: %s]", where, detail, reason)
-        elif self.logged == MAX_LOGGED_SKIPS + 1:
-            log.warning("more skipped records are counted but not logged (see the per-epoch summary)")
-
-
-@dataclass
 class _Pending:
     """A parsed record whose images (resolved paths) are not encoded yet."""
 
@@ -186,7 +155,7 @@ def load_or_build_jsonl_cache(cfg: DictConfig, path: str | Path, tok: Multimodal
     source = resolve_path(path)
     if not source.is_file():
         raise FileNotFoundError(f"JSONL data file {source} does not exist; fix data.train_path / data.val_path")
-    report = SkipReport(skipped, bool(cfg.strict))
+    report = SkipReport(skipped, bool(cfg.strict), JsonlRecordError)
     before = sum(skipped.values())
     pending = [p for p in (_parse_line(source, number, raw, report)
                            for number, raw in enumerate(source.read_bytes().splitlines(), start=1)) if p]
@@ -240,53 +209,6 @@ def _parse_line(source: Path, number: int, raw: bytes, report: SkipReport) -> _P
     report(where, REASON_BAD_RECORD, f"record {line.strip()[:80]!r} is neither an image+text pair nor a "
            "segments document", 'write {"image": path, "text": caption} or {"segments": [...]}')
     return None
-
-
-def parse_segments(where: str, segments: object, report: SkipReport,
-                   resolve: Callable[[str], T]) -> list[tuple[str, str | T]] | None:
-    """An interleaved document's ``segments`` list -> parts ``("text", text)`` / ``("image", resolve(path))``.
-
-    ``resolve`` maps an image segment's ``path`` to what the source loads it from (a file next to
-    the JSONL file, a member of a webdataset sample). None if the document is bad (``report`` counted it).
-    """
-    if not isinstance(segments, list) or not segments:
-        report(where, REASON_BAD_RECORD, "'segments' must be a non-empty list",
-               'write {"segments": [{"type": "text", "text": ...}, {"type": "image", "path": ...}]}')
-        return None
-    parts: list[tuple[str, str | T]] = []
-    for k, seg in enumerate(segments):
-        kind = seg.get("type") if isinstance(seg, dict) else None
-        if kind == "text" and isinstance(seg.get("text"), str):
-            text = check_text(f"{where} (segment {k})", seg["text"], report)
-            if text is None:
-                return None
-            parts.append(("text", text))
-        elif kind == "image" and isinstance(seg.get("path"), str):
-            parts.append(("image", resolve(seg["path"])))
-        elif kind in ("text", "image"):
-            field_name = "text" if kind == "text" else "path"
-            report(where, REASON_BAD_RECORD, f"segment {k} of type {kind!r} has no string {field_name!r}",
-                   f"give each {kind} segment a {field_name!r} string")
-            return None
-        else:
-            report(where, REASON_UNKNOWN_SEGMENT, f"segment {k} has unknown type {kind!r}",
-                   "use segment types 'text' and 'image' only")
-            return None
-    return parts
-
-
-def check_text(where: str, text: str, report: SkipReport) -> str | None:
-    """``text`` if it is valid, non-blank Unicode; else None (``report`` counted it)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        report(where, REASON_NOT_UTF8, "text contains an unpaired surrogate escape (not valid Unicode)",
-               "fix the text's \\u escapes")
-        return None
-    if not text.strip():
-        report(where, REASON_EMPTY_TEXT, "text is empty", "give the record a non-empty text or remove it")
-        return None
-    return text
 
 
 def _resolve(folder: Path, path: str) -> Path:
@@ -397,11 +319,6 @@ def _header_size(path: Path) -> tuple[int, int] | None:
         return None
 
 
-def image_reason(message: str) -> str:
-    """The skip reason of an :class:`ImageLoadError` message (finer than ``REASON_BAD_IMAGE`` where known)."""
-    return next((reason for fragment, reason in IMAGE_REASONS if fragment in message), REASON_BAD_IMAGE)
-
-
 # ---------------------------------------------------------------------------------------- records
 def _assemble(pending: list[_Pending], rows: dict[str, int], store_codes: Tensor, tok: MultimodalTokenizer,
               cfg: DictConfig, report: SkipReport) -> JsonlCache:
@@ -412,9 +329,7 @@ def _assemble(pending: list[_Pending], rows: dict[str, int], store_codes: Tensor
     records = []
     for record in pending:
         length = 2 + sum(len(builder.text_ids(v)) if kind == "text" else image_len for kind, v in record.parts)
-        if cfg.overflow == "reject" and length > cfg.seq_len:
-            report(record.where, REASON_TOO_LONG, f"document of {length} tokens is longer than "
-                   f"data.seq_len={cfg.seq_len}", "raise data.seq_len, set data.overflow=split, or shorten it")
+        if report.overlong(record.where, length, cfg.seq_len, cfg.overflow):
             continue
         digests = iter(record.digests)
         parts = tuple(("text", v) if kind == "text" else ("image", used.setdefault(rows[next(digests)], len(used)))

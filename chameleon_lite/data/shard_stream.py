@@ -24,17 +24,16 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import IterableDataset, default_collate, get_worker_info
 
-from chameleon_lite.data.jsonl import (
+from chameleon_lite.data.packing import REASON_NO_LOSS, PackedRow, PackingStats, pack_documents
+from chameleon_lite.data.records import (
     REASON_BAD_JSON,
     REASON_MISSING_IMAGE,
     REASON_NOT_UTF8,
-    REASON_TOO_LONG,
     SkipReport,
     check_text,
     image_reason,
     parse_segments,
 )
-from chameleon_lite.data.packing import REASON_NO_LOSS, PackedRow, PackingStats, pack_documents
 from chameleon_lite.data.sequences import Document, ImageSegment, TextSegment
 from chameleon_lite.multimodal_tokenizer import MultimodalTokenizer
 from chameleon_lite.vq.image_io import ImageLoadError, load_image
@@ -163,9 +162,7 @@ class ShardStream(IterableDataset):
             for sample in group.samples:
                 # Built when the packer asks for it: a replay that ends mid-group gets real codes from here on.
                 doc = self._document(sample, group.placeholder() if replay.active else group.codes())
-                if self.overflow == "reject" and len(doc) > self.seq_len:
-                    report(sample.where, REASON_TOO_LONG, f"document of {len(doc)} tokens is longer than "
-                           f"data.seq_len={self.seq_len}", "raise data.seq_len or set data.overflow=split")
+                if report.overlong(sample.where, len(doc), self.seq_len, self.overflow):
                     continue
                 if replay.active:
                     replay.hold(doc, lambda s=sample, g=group: self._document(s, g.codes()))

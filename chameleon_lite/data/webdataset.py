@@ -28,7 +28,7 @@ VQ-encoding the skipped rows (``shard_stream._Replay``) and goes on with exactly
 uninterrupted run (for the same number of processes and workers).
 
 *Bad samples* are counted by reason each time a stream meets them and logged with ``shard:key``
-(jsonl.py's :class:`SkipReport`); the counts travel with the batches from the workers to
+(records.py's :class:`SkipReport`); the counts travel with the batches from the workers to
 ``ChameleonDataModule.skipped``. ``data.strict=true`` raises :class:`ShardSampleError` instead. An unreadable
 shard is such a skip too: a stream whose shards give nothing reads other shards
 (``shard_stream.ShardStream._rows``); it raises, naming the shards, only when none of the shards it can

@@ -18,7 +18,7 @@ from omegaconf import ListConfig
 from PIL import Image
 
 from chameleon_lite.config import TOKENIZERS_DIR, ConfigError, compose_config
-from chameleon_lite.data import jsonl
+from chameleon_lite.data import records
 from chameleon_lite.data import webdataset as source
 from chameleon_lite.data.datamodule import ChameleonDataModule, task_weights
 from chameleon_lite.data.packing import REASON_NO_LOSS
@@ -147,14 +147,14 @@ BAD_SAMPLES = [  # case, members besides the key, skip reason, a fragment of the
     ("empty_image", {"jpg": b"", "txt": b"a red circle"}, "image file is empty (0 bytes)", "drop the sample"),
     ("missing_caption", {"png": "GOOD"}, source.REASON_NO_CAPTION, "add <key>.txt"),
     ("missing_image", {"txt": b"a red circle"}, source.REASON_NO_IMAGE, "add <key>.jpg"),
-    ("caption_not_utf8", {"png": "GOOD", "txt": b"a red \xff circle"}, jsonl.REASON_NOT_UTF8, "re-encode"),
-    ("empty_caption", {"png": "GOOD", "txt": b"  "}, jsonl.REASON_EMPTY_TEXT, "non-empty text"),
-    ("bad_json", {"json": b"{not json", "png": "GOOD", "txt": b"a red circle"}, jsonl.REASON_BAD_JSON,
+    ("caption_not_utf8", {"png": "GOOD", "txt": b"a red \xff circle"}, records.REASON_NOT_UTF8, "re-encode"),
+    ("empty_caption", {"png": "GOOD", "txt": b"  "}, records.REASON_EMPTY_TEXT, "non-empty text"),
+    ("bad_json", {"json": b"{not json", "png": "GOOD", "txt": b"a red circle"}, records.REASON_BAD_JSON,
      "fix the member"),
     ("segment_member_missing", {"json": json.dumps({"segments": [{"type": "image", "path": "x.png"}]}).encode()},
-     jsonl.REASON_MISSING_IMAGE, "'a.png' for <key>.a.png"),
+     records.REASON_MISSING_IMAGE, "'a.png' for <key>.a.png"),
     ("unknown_segment", {"json": json.dumps({"segments": [{"type": "video", "path": "x.mp4"}]}).encode()},
-     jsonl.REASON_UNKNOWN_SEGMENT, "use segment types"),
+     records.REASON_UNKNOWN_SEGMENT, "use segment types"),
 ]
 
 

@@ -32,7 +32,7 @@ from safetensors.torch import save_file
 
 from chameleon_lite.cli.train import train
 from chameleon_lite.config import ConfigError
-from chameleon_lite.data import jsonl
+from chameleon_lite.data import records
 from chameleon_lite.data.datamodule import ChameleonDataModule
 from chameleon_lite.data.jsonl import JsonlCacheError, JsonlRecordError
 from chameleon_lite.data.packing import REASON_NO_LOSS
@@ -119,9 +119,9 @@ BAD = [
     ("empty_caption", pair("good0.png", ""), "empty text"),
     ("blank_caption", pair("good0.png", "   "), "empty text"),
     ("malformed_json", b'{"image": "img/good0.png", "text": ', "malformed JSON line"),
-    ("not_an_object", b"[1, 2]", jsonl.REASON_BAD_RECORD),
-    ("no_text", json.dumps({"image": "img/good0.png"}).encode(), jsonl.REASON_BAD_RECORD),
-    ("image_segment_without_path", doc(text("a"), {"type": "image"}), jsonl.REASON_BAD_RECORD),
+    ("not_an_object", b"[1, 2]", records.REASON_BAD_RECORD),
+    ("no_text", json.dumps({"image": "img/good0.png"}).encode(), records.REASON_BAD_RECORD),
+    ("image_segment_without_path", doc(text("a"), {"type": "image"}), records.REASON_BAD_RECORD),
     ("unknown_segment_type", doc(text("a"), {"type": "video", "path": "clip.mp4"}), "unknown segment type"),
     ("longer_than_seq_len", doc(*(image(f"good{i}.png") for i in range(4))),
      "document longer than seq_len (data.overflow=reject)"),
@@ -183,15 +183,15 @@ LOGGED = {
 
 
 def skip_warnings(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == jsonl.__name__ and r.levelname == "WARNING"]
+    return [r.getMessage() for r in caplog.records if r.name == records.__name__ and r.levelname == "WARNING"]
 
 
 def test_each_bad_record_is_a_skip_counted_under_its_reason(corpus, tmp_path_factory, caplog):
-    with caplog.at_level("WARNING", logger=jsonl.__name__):
+    with caplog.at_level("WARNING", logger=records.__name__):
         dm = datamodule(tmp_path_factory.getbasetemp(), corpus)
     # each skipped record is logged once, with its file:line (line 1 is GOOD[0], line 2 blank) and what is wrong
     warnings = skip_warnings(caplog)
-    assert len(BAD) <= jsonl.MAX_LOGGED_SKIPS  # (under the cap: every one is logged)
+    assert len(BAD) <= records.MAX_LOGGED_SKIPS  # (under the cap: every one is logged)
     assert len(warnings) == len(BAD), warnings
     for number, (case, _, reason) in enumerate(BAD, start=3):
         (message,) = [m for m in warnings if m.startswith(f"skipping record {corpus}:{number}: ")]
@@ -203,16 +203,16 @@ def test_each_bad_record_is_a_skip_counted_under_its_reason(corpus, tmp_path_fac
 
 
 def test_skipped_records_past_the_cap_are_counted_but_not_logged_one_by_one(tmp_path, tmp_path_factory, caplog):
-    n = jsonl.MAX_LOGGED_SKIPS + 3
+    n = records.MAX_LOGGED_SKIPS + 3
     malformed = next(line for case, line, _ in BAD if case == "malformed_json")
     path = write_corpus(tmp_path, [GOOD[0], *[malformed] * n])
-    with caplog.at_level("WARNING", logger=jsonl.__name__):
+    with caplog.at_level("WARNING", logger=records.__name__):
         dm = datamodule(tmp_path_factory.getbasetemp(), path)
-    assert dm.skipped == Counter({jsonl.REASON_BAD_JSON: n})
+    assert dm.skipped == Counter({records.REASON_BAD_JSON: n})
     assert skip_warnings(caplog) == [
         *(f"skipping record {path}:{k}: not valid JSON (Expecting value at column 36) [counted as: "
-          f"{jsonl.REASON_BAD_JSON}]"
-          for k in range(2, jsonl.MAX_LOGGED_SKIPS + 2)),
+          f"{records.REASON_BAD_JSON}]"
+          for k in range(2, records.MAX_LOGGED_SKIPS + 2)),
         "more skipped records are counted but not logged (see the per-epoch summary)"]
 
 
@@ -403,4 +403,4 @@ def test_validation_file_skips_are_counted_apart_from_the_training_skips(tmp_pat
     val_path.write_bytes(b"\n".join([GOOD[0], malformed, GOOD[1]]) + b"\n")
     dm = datamodule(tmp_path_factory.getbasetemp(), train_path, f"data.val_path={val_path}")
     assert dm.skipped == Counter()
-    assert dm.val_skipped == Counter({jsonl.REASON_BAD_JSON: 1})
+    assert dm.val_skipped == Counter({records.REASON_BAD_JSON: 1})
