@@ -146,12 +146,13 @@ def test_muon_trains_checkpoints_and_resumes_to_the_same_losses(tiny_train_cfg, 
     assert lrs[7] == pytest.approx([0.05 * scale, 0.5 * scale, 0.5 * scale])
 
 
-def test_the_muon_recipe_is_the_recipe_with_muon_for_the_same_cpu_time():
+def test_the_muon_recipe_is_the_recipe_with_muon_and_more_scenes_for_the_same_cpu_time():
     from conftest import compose_config
 
     adamw, muon = (compose_config("train", [f"experiment={e}"]) for e in ("shapes_cpu", "shapes_cpu_muon"))
     assert (adamw.optim.name, muon.optim.name) == ("adamw", "muon")
     assert muon.trainer.max_steps == 2400 < adamw.trainer.max_steps == 2800
-    for key in ("model", "data"):
-        assert muon[key] == adamw[key], key
+    assert muon.model == adamw.model
+    assert muon.data.n_train == 80000 > adamw.data.n_train  # Muon overfits the recipe's 20,000 scenes (README Results)
+    assert {k: v for k, v in muon.data.items() if k != "n_train"} == {k: v for k, v in adamw.data.items() if k != "n_train"}
     assert {k: v for k, v in muon.optim.items() if k not in ("name", "muon")} == {k: v for k, v in adamw.optim.items() if k != "name"}
