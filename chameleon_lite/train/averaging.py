@@ -86,9 +86,13 @@ class TailAveraging(WeightAveraging):
             super().on_train_end(trainer, pl_module)
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
-        if "current_model_state" in checkpoint:  # saved inside the window: restore the average and the trained weights
-            super().on_load_checkpoint(trainer, pl_module, checkpoint)
-        # else saved before the window opened: there is no average yet, the first update starts it
+        if "current_model_state" not in checkpoint:
+            return  # saved before the window opened (or without averaging): no average yet, the first update starts it
+        if self._average_model is None:  # averaging is off now: go on training the trained weights, not the mean
+            pl_module.load_state_dict(checkpoint["current_model_state"])
+            log.info("resuming with callbacks.averaging off: the checkpoint's trained weights go on, its mean is dropped")
+            return
+        super().on_load_checkpoint(trainer, pl_module, checkpoint)  # restores the mean and the trained weights
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         if self.averaged():

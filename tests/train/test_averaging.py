@@ -59,6 +59,11 @@ def test_a_resume_inside_the_window_continues_the_mean(tiny_train_cfg, tmp_path)
                          f"ckpt_path={run / 'checkpoints' / 'step000005.ckpt'}"))
     assert _close(_ckpt(again, 6)["state_dict"], _ckpt(run, 6)["state_dict"])
     assert _close(_ckpt(again, 6)["current_model_state"], _ckpt(run, 6)["current_model_state"])
+    # resumed with averaging off, training goes on from the trained weights, not from the mean
+    plain = tmp_path / "plain"
+    train(tiny_train_cfg(*EVERY_STEP, f"run_dir={plain}", f"ckpt_path={run / 'checkpoints' / 'step000005.ckpt'}",
+                         "resume_check=warn"))
+    assert _close(_ckpt(plain, 6)["state_dict"], _ckpt(run, 6)["current_model_state"])
 
 
 def test_the_window_and_bad_settings():
