@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from chameleon_lite.files import atomic_path, atomic_write_text
 from chameleon_lite.model import ChameleonLM, ModelConfig
+from chameleon_lite.model.code_appearance import bake_state
 from chameleon_lite.vocab import UnifiedVocab
 
 #: The head weight of a model with ``tie_embeddings``: the embedding matrix itself, not exported separately.
@@ -33,7 +34,8 @@ ARCHITECTURE_KEYS = {"vocab_size": "vocab_size", "dim": "dim", "n_layers": "n_la
                      "kv_heads": "n_kv_heads", "ffn_hidden_dim": "ffn_dim", "rope_theta": "rope_theta",
                      "norm_eps": "norm_eps", "qk_norm": "qk_norm", "qk_norm_per_head": "qk_norm_per_head",
                      "swin_norm": "swin_norm", "tie_embeddings": "tie_embeddings",
-                     "image_pos_embed": "image_pos_embed", "image_grid": "image_grid", "image_ids": "image_ids"}
+                     "image_pos_embed": "image_pos_embed", "image_grid": "image_grid", "image_ids": "image_ids",
+                     "image_code_embed": "image_code_embed"}
 
 
 class CheckpointError(ValueError):
@@ -65,18 +67,20 @@ def export_weights(module, out_dir: Path, tokenizer_dir: str | os.PathLike,
                    module_state: Mapping[str, torch.Tensor] | None = None) -> Path:
     """Write ``model.safetensors`` and ``config.json`` for ``module.model`` into ``out_dir``. ``module_state``:
     the Lightning module's full state dict where ``module.model.state_dict()`` cannot give it alone (under
-    FSDP, ``trainer.strategy.lightning_module_state_dict()``, gathered from the shards by every rank)."""
+    FSDP, ``trainer.strategy.lightning_module_state_dict()``, gathered from the shards by every rank).
+    A ``model.image_code_embed=appearance`` model is written as the plain model it computes (`bake_state`)."""
     out_dir = Path(out_dir)
     if module_state is None:
         weights = module.model.state_dict()
     else:
         weights = {k.removeprefix("model."): v for k, v in module_state.items() if k.startswith("model.")}
+    weights, model_config = bake_state(dict(weights), module.model_config)
     state = {k: v.detach().contiguous() for k, v in weights.items()}
-    if module.model_config.tie_embeddings:  # one tensor under two names: safetensors stores it once
+    if model_config.tie_embeddings:  # one tensor under two names: safetensors stores it once
         state.pop(TIED_HEAD, None)
     with atomic_path(out_dir / "model.safetensors") as tmp:
         save_file(state, str(tmp))
-    meta = {"model": asdict(module.model_config), "vocab": module.vocab.to_dict(),
+    meta = {"model": asdict(model_config), "vocab": module.vocab.to_dict(),
             "tokenizer_dir": str(Path(tokenizer_dir).resolve())}
     training_data = (getattr(module, "hparams", None) or {}).get("training_data")
     if training_data:
@@ -101,7 +105,8 @@ def _read_json(path: Path) -> dict:
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[ChameleonLM, UnifiedVocab, dict]:
     """Load a ``.ckpt`` file, an exported directory or a Hugging Face Chameleon directory (``chameleon-export-hf``'s,
-    or one written by ``transformers``; needs the ``hf`` extra) -> (model in eval mode, vocab, metadata)."""
+    or one written by ``transformers``; needs the ``hf`` extra) -> (model in eval mode, vocab, metadata). The model
+    is always a plain one: a ``model.image_code_embed=appearance`` checkpoint is baked (`bake_state`)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist (give ckpt=runs/<run>/checkpoints/last.ckpt "
@@ -133,6 +138,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
     try:
         model_cfg = ModelConfig.from_dict(meta["model"])
         vocab = UnifiedVocab.from_dict(meta["vocab"], source=str(path))
+        state, model_cfg = bake_state(state, model_cfg)  # (a .ckpt of model.image_code_embed=appearance)
     except (KeyError, TypeError) as err:
         raise CheckpointError(f"{path}: incomplete metadata ({err})") from None
     model = ChameleonLM(model_cfg)

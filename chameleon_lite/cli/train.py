@@ -6,6 +6,7 @@ import logging
 from typing import Any
 
 import lightning as L
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from chameleon_lite.checkpoint import export_weights, init_weights_from, safe_torch_load
@@ -22,10 +23,16 @@ from chameleon_lite.train.trainer import build_trainer, resolve_ckpt_path
 
 log = logging.getLogger(__name__)
 
+#: Training images whose codes `ImageTokenizer.code_appearance` measures for `model.image_code_embed=appearance`
+#: (the first 1,024 of 80,000 shapes-world images hold 508 of the 511 codes the 80,000 use; the other three are
+#: 1.4e-6 of their image tokens).
+APPEARANCE_IMAGES = 1024
+
 
 def build_model_config(cfg: DictConfig, tokenizer: MultimodalTokenizer) -> ModelConfig:
-    """`cfg.model` validated, with what the tokenizers fix filled in: the vocabulary size and, for
-    `model.image_pos_embed`, the image code grid's side and the image codes' id block."""
+    """`cfg.model` validated, with what the tokenizers fix filled in: the vocabulary size, the image code grid's
+    side (`model.image_pos_embed`), the image codes' id block (that or `model.image_code_embed=appearance`) and
+    the appearance features per code."""
     values = OmegaConf.to_container(cfg.model, resolve=True)
     vocab = tokenizer.vocab
     if values.get("vocab_size") is None:
@@ -34,11 +41,12 @@ def build_model_config(cfg: DictConfig, tokenizer: MultimodalTokenizer) -> Model
         raise ConfigError(f"model.vocab_size={values['vocab_size']} but the tokenizers in {cfg.tokenizer.dir} make a "
                           f"vocabulary of {vocab.size} ids ({vocab.layout.describe()}): set model.vocab_size=null "
                           "to take it from them, or point tokenizer.dir at the tokenizers of that vocabulary")
-    if values.get("image_pos_embed"):
-        if values.get("image_grid") is None:
-            values["image_grid"] = tokenizer.image.grid_size
-        if values.get("image_ids") is None:
-            values["image_ids"] = [vocab.image_offset, vocab.image_offset + vocab.n_image]
+    if values.get("image_pos_embed") and values.get("image_grid") is None:
+        values["image_grid"] = tokenizer.image.grid_size
+    if (values.get("image_pos_embed") or values.get("image_code_embed") == "appearance") and values.get("image_ids") is None:
+        values["image_ids"] = [vocab.image_offset, vocab.image_offset + vocab.n_image]
+    if values.get("image_code_embed") == "appearance" and values.get("image_code_features") is None:
+        values["image_code_features"] = tokenizer.image.code_appearance_size()
     mc = ModelConfig.from_dict(values)
     seq_len = require(cfg, "data.seq_len", lambda v: isinstance(v, int) and v >= 2, "an int >= 2")
     if seq_len > mc.max_seq_len:
@@ -164,6 +172,15 @@ def train(cfg: DictConfig) -> dict:
                                       training_data=training_data_record(cfg.data),
                                       init_from=None if init_from is None else str(init_from),
                                       tokenizers=tokenizer_digests(resolve_path(cfg.tokenizer.dir)))
+    if model_cfg.image_code_embed == "appearance":  # (a resume then loads the checkpoint's, the same for its tokenizers)
+        codes = dm.train_image_codes()
+        sample = codes[:APPEARANCE_IMAGES]
+        used = torch.bincount(codes.flatten(), minlength=dm.tokenizer.image.codebook_size)
+        unmeasured = used[torch.bincount(sample.flatten(), minlength=used.numel()) == 0].sum().item()
+        log.info("model.image_code_embed=appearance: measuring the image codes on %d of %d training images (codes "
+                 "absent there, embedded as zeros, are %.4f%% of the training image tokens)", len(sample), len(codes),
+                 100 * unmeasured / max(used.sum().item(), 1))
+        module.model.image_codes.set_features(dm.tokenizer.image.code_appearance(sample))
     log.info("model: %.2fM parameters (%.2fM without embeddings)", module.model.num_params() / 1e6,
              module.model.num_params(exclude_embeddings=True) / 1e6)
     if ckpt_file is not None:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import lightning as L
 import numpy as np
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from chameleon_lite.config import ConfigError
@@ -274,6 +275,16 @@ class ChameleonDataModule(L.LightningDataModule):
             limits = {k: self.cfg[k] for k in ("max_pixels", "min_side") if self.cfg.get(k) is not None}
             self.tokenizer = MultimodalTokenizer.from_dir(self.tokenizer_dir, **limits)  # the loaders' own limits
         return self.tokenizer
+
+    def train_image_codes(self) -> torch.Tensor:
+        """The code grids (n, tokens_per_image) of the training images in the token cache, in cache order (for
+        `ImageTokenizer.code_appearance`)."""
+        if self.cfg.source == "webdataset":
+            raise ConfigError("model.image_code_embed=appearance measures the codes on the training images of a token "
+                              "cache, which data=webdataset streams past: use data=shapes or data=jsonl, or "
+                              "model.image_code_embed=free")
+        train, _ = self._caches(self.load_tokenizer())
+        return train.codes
 
     def _caches(self, tok: MultimodalTokenizer) -> tuple[TokenCache | JsonlCache, TokenCache | JsonlCache]:
         """(train, val) caches, loaded once per process: ``prepare_data`` and ``setup`` both ask for them,

@@ -52,6 +52,9 @@ def quantize_int8(model: nn.Module) -> nn.Module:
     the embedding stays float). The original model is left untouched."""
     if model.training:
         raise ValueError("quantize_int8 is for sampling: call model.eval() first (an int8 model cannot train)")
+    if model.cfg.image_code_embed != "free":
+        raise ValueError("quantize_int8 needs a plain model, not model.image_code_embed=appearance (whose head rows "
+                         "are computed): load it with checkpoint.load_model, which bakes them into the weights")
     quantized = copy.deepcopy(model)
     linears = [(name, m) for name, m in quantized.named_modules() if isinstance(m, nn.Linear)]
     for name, linear in linears:

@@ -17,6 +17,7 @@ import yaml
 
 PRESET_DIR = Path(__file__).resolve().parents[2] / "conf" / "model"
 ATTN_IMPLS = ("sdpa", "xformers")
+IMAGE_CODE_EMBEDS = ("free", "appearance")
 
 
 class ModelConfigError(ValueError):
@@ -55,6 +56,10 @@ class ModelConfig:
     image_pos_embed: bool = False
     image_grid: int | None = None  # code-grid side (8 for 64x64 images at f=8); filled by the training code
     image_ids: list[int] | None = None  # [start, end): the image-code id block; filled by the training code
+    # "free": a learnt embedding row and head row per image code (Chameleon); "appearance": both are learnt linear
+    # maps of what the code looks like (`model.code_appearance`), a training-time parametrisation baked on export.
+    image_code_embed: str = "free"
+    image_code_features: int | None = None  # appearance features per code; filled by the training code
 
     def __post_init__(self) -> None:
         self.validate(require_vocab=False)
@@ -127,9 +132,9 @@ class ModelConfig:
             )
         if self.attn_impl not in ATTN_IMPLS:
             raise ModelConfigError(f"model.attn_impl={self.attn_impl!r} is not one of {ATTN_IMPLS}")
-        self._validate_image_positions(require_vocab)
+        self._validate_image_fields(require_vocab)
 
-    def _validate_image_positions(self, require_vocab: bool) -> None:
+    def _validate_image_fields(self, require_vocab: bool) -> None:
         if self.image_grid is not None:
             _check_int(self, "image_grid", minimum=1)
         if self.image_ids is not None:
@@ -141,6 +146,18 @@ class ModelConfig:
                     f"({self.vocab_size}): the id block of the image codes in the unified vocabulary"
                 )
             self.image_ids = [int(ids[0]), int(ids[1])]
+        if self.image_code_embed not in IMAGE_CODE_EMBEDS:
+            raise ModelConfigError(f"model.image_code_embed={self.image_code_embed!r} is not one of {IMAGE_CODE_EMBEDS}")
+        if self.image_code_features is not None:
+            _check_int(self, "image_code_features", minimum=1)
+        if self.image_code_embed == "appearance":
+            if self.tie_embeddings:
+                raise ModelConfigError("model.image_code_embed=appearance gives the image codes' input and output rows "
+                                       "their own maps, which a tied head cannot hold: set model.tie_embeddings=false")
+            if require_vocab and (self.image_ids is None or self.image_code_features is None):
+                raise ModelConfigError(
+                    "model.image_code_embed=appearance needs model.image_ids ([start, end) of the image codes) and "
+                    "model.image_code_features (features per code): the training code fills both from the tokenizers")
         if self.image_pos_embed and require_vocab and (self.image_grid is None or self.image_ids is None):
             raise ModelConfigError(
                 "model.image_pos_embed=true needs model.image_grid (code-grid side) and model.image_ids "

@@ -14,6 +14,9 @@ State-dict layout (HF interop maps these; fused weights split along dim 0):
   `post_attention_layernorm`); pre-norm, or applied to the branch output with `swin_norm`.
 - `image_row_embed.weight`, `image_col_embed.weight` (image_grid, dim): only with `image_pos_embed`
   (2-D positions of image codes; HF's Chameleon has none, so such a model does not export to HF).
+- `image_codes.{features,embed_proj,head_proj}`: only with `image_code_embed=appearance`, whose image-code
+  rows of `embed_tokens.weight` and `lm_head.weight` are unused (`code_appearance.bake_state` writes the rows
+  these give into them: the exported model is a plain one).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from chameleon_lite.model.attention import (
     sdpa_mask,
     xformers_mask,
 )
+from chameleon_lite.model.code_appearance import CodeAppearance, appearance_rows, with_code_rows
 from chameleon_lite.model.config import ModelConfig
 
 
@@ -146,6 +150,9 @@ class ChameleonLM(nn.Module):
         if cfg.image_pos_embed:
             self.image_row_embed = nn.Embedding(cfg.image_grid, cfg.dim)
             self.image_col_embed = nn.Embedding(cfg.image_grid, cfg.dim)
+        if cfg.image_code_embed == "appearance":
+            start, end = cfg.image_ids
+            self.image_codes = CodeAppearance(end - start, cfg.image_code_features, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
@@ -163,6 +170,8 @@ class ChameleonLM(nn.Module):
                 nn.init.normal_(module.weight, mean=0.0, std=std)
             elif isinstance(module, nn.RMSNorm):
                 nn.init.ones_(module.weight)
+            elif isinstance(module, CodeAppearance):
+                module.reset_parameters(self.cfg.init_std)
             elif isinstance(module, QKNorm):
                 for weight, bias in ((module.q_weight, module.q_bias), (module.k_weight, module.k_bias)):
                     nn.init.ones_(weight)
@@ -192,9 +201,10 @@ class ChameleonLM(nn.Module):
         hidden = self.hidden_states(input_ids, **inputs)
         hidden_kept = hidden if logits_to_keep is None else hidden[:, -logits_to_keep:]
         if vocab_slice is None:
-            logits = self.lm_head(hidden_kept)
+            logits = self.lm_head(hidden_kept) if self.cfg.image_code_embed == "free" else F.linear(
+                hidden_kept, self.head_weight())
         elif isinstance(self.lm_head, nn.Linear):
-            logits = F.linear(hidden_kept, self.lm_head.weight[vocab_slice])
+            logits = F.linear(hidden_kept, self.head_weight()[vocab_slice])
         else:  # a head with its own row selection (generation.quantize.Int8Linear)
             logits = self.lm_head.rows(hidden_kept, vocab_slice)
         return (logits, hidden) if return_hidden else logits
@@ -221,6 +231,8 @@ class ChameleonLM(nn.Module):
         T = input_ids.shape[1]
         mask, attn_impl, positions = self._attention_inputs(input_ids, positions, doc_lens, kv_cache, token_mask)
         x = self.embed_tokens(input_ids)  # (B, T, dim)
+        if self.cfg.image_code_embed == "appearance":
+            x = self._appearance_embedding(input_ids, x)
         if self.cfg.image_pos_embed:
             x = x + self.image_position_embedding(input_ids, positions, kv_cache)
         cos, sin = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta)  # (B, T, 1, D)
@@ -233,6 +245,22 @@ class ChameleonLM(nn.Module):
         if kv_cache is not None:
             kv_cache.length += T
         return hidden
+
+    def head_weight(self) -> Tensor:
+        """The head's weight (vocab, dim) as the logits use it: ``lm_head.weight``, with the image codes' rows
+        from their appearance under ``image_code_embed=appearance``."""
+        weight = self.lm_head.weight
+        if self.cfg.image_code_embed == "free":
+            return weight
+        return with_code_rows(weight, self.cfg.image_ids[0],
+                              appearance_rows(self.image_codes.features, self.image_codes.head_proj))
+
+    def _appearance_embedding(self, input_ids: Tensor, x: Tensor) -> Tensor:
+        """``x`` (the free rows' embedding) with every image code's embedding from its appearance."""
+        start, end = self.cfg.image_ids
+        is_image = (input_ids >= start) & (input_ids < end)
+        rows = appearance_rows(self.image_codes.features, self.image_codes.embed_proj).to(x.dtype)
+        return torch.where(is_image[..., None], F.embedding((input_ids - start).clamp(0, end - start - 1), rows), x)
 
     def image_position_embedding(self, input_ids: Tensor, positions: Tensor, kv_cache: KVCache | None = None) -> Tensor:
         """Row + column embedding of each image code's cell in its image's code grid, 0 elsewhere: (B, T, dim).
@@ -320,12 +348,14 @@ class ChameleonLM(nn.Module):
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         """Parameter count, tied weights counted once. `exclude_embeddings` drops the input token
-        embedding table and the image row/column tables (lookups, no FLOPs); an untied `lm_head` is a matmul and stays counted."""
+        embedding table, the image row/column tables and the appearance embedding map (lookups, no FLOPs); an untied `lm_head` is a matmul and stays counted."""
         n = sum(p.numel() for p in self.parameters())
         if exclude_embeddings:
             n -= self.embed_tokens.weight.numel()
             if self.cfg.image_pos_embed:
                 n -= self.image_row_embed.weight.numel() + self.image_col_embed.weight.numel()
+            if self.cfg.image_code_embed == "appearance":
+                n -= self.image_codes.embed_proj.numel()
         return n
 
     def flops_per_token(self, seq_len: int) -> float:

@@ -134,7 +134,7 @@ class ChameleonLightningModule(L.LightningModule):
         hidden = self.model.hidden_states(batch["input_ids"], positions=batch["positions"],
                                           doc_lens=batch["doc_lens"])
         labels = batch["labels"]
-        out = head_loss(hidden, self.model.lm_head.weight, labels, self.z_loss_coef, IGNORE_INDEX)
+        out = head_loss(hidden, self.model.head_weight(), labels, self.z_loss_coef, IGNORE_INDEX)
         counted = labels != IGNORE_INDEX
         is_image = self._image_ids[labels.clamp(min=0)] & counted  # (B, T) target is an image code
         is_text = counted & ~is_image

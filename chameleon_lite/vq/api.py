@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
@@ -31,6 +32,10 @@ from chameleon_lite.vq.model import VQModel
 WEIGHTS_NAME = "vq.safetensors"
 CONFIG_NAME = "vq.yaml"
 FORMAT = "chameleon-lite-vq/1"
+#: `ImageTokenizer.code_appearance`: a code's contrast pattern is pooled to at most this side.
+APPEARANCE_PATTERN_SIDE = 8
+#: A patch whose largest contrast is below this is blank: its pattern is scaled by this, not by its own peak.
+_BLANK_CONTRAST = 0.1
 
 
 class CodeRangeError(ValueError):
@@ -108,6 +113,57 @@ class ImageTokenizer:
     def decode_uint8(self, codes: Tensor) -> Tensor:
         """Like :meth:`decode`, as uint8 (B, 3, image_size, image_size) (rounded)."""
         return (self.decode(codes) * 255.0).round().to(torch.uint8)
+
+    def code_appearance_size(self, pattern_side: int = APPEARANCE_PATTERN_SIDE) -> int:
+        """Features per code of `code_appearance`."""
+        return min(pattern_side, self.image_size // self.grid_size) ** 2 + 5
+
+    @torch.inference_mode()
+    def code_appearance(self, codes: Tensor, pattern_side: int = APPEARANCE_PATTERN_SIDE, batch: int = 256) -> Tensor:
+        """What each code looks like where it is used, as features a linear map can compose: float32
+        (codebook_size, pattern_side**2 + 5), one row per code.
+
+        ``codes``: code grids of real images, (B, grid, grid) or (B, tokens_per_image) (e.g. a training set's
+        token cache). They are decoded (a code's pixels depend on its neighbours: decoded alone, in a grid
+        filled with it, a code shows colours it never has in an image) and every cell is described by
+
+        - its contrast pattern: 1 - luminance per pixel, divided by the cell's largest contrast (a flat-coloured
+          shape's mask is then 1 on the shape and 0 on a white background, whatever the colour), average-pooled
+          to at most ``pattern_side`` x ``pattern_side``;
+        - its ink colour: the RGB mean weighted by contrast;
+        - its ink fraction: the pattern's mean.
+
+        A code's row is the mean over its cells, each feature standardised over the codes that occur, plus a
+        last feature that is 1 for those; a code that never occurs in ``codes`` has an all-zero row. Pattern and
+        colour are separate features, so a linear score of them is a pattern score plus a colour score
+        (`model.image_code_embed=appearance`). Deterministic (the decoder is in eval mode).
+        """
+        grids = self._check_codes(codes)
+        g, n = self.grid_size, self.codebook_size
+        cell = self.image_size // g
+        side = min(pattern_side, cell)
+        total = torch.zeros(n, side * side + 4)
+        count = torch.zeros(n)
+        for first in range(0, grids.shape[0], batch):
+            chunk = grids[first:first + batch]
+            rgb = self.decode(chunk).float().cpu()  # (b, 3, S, S) in [0, 1]
+            rgb = rgb.unfold(2, cell, cell).unfold(3, cell, cell)  # (b, 3, g, g, cell, cell)
+            rgb = rgb.permute(0, 2, 3, 1, 4, 5).reshape(-1, 3, cell, cell)  # one row per cell, raster order
+            contrast = (1.0 - rgb.mean(dim=1)).clamp(min=0.0)  # (cells, cell, cell): 0 on white
+            peak = contrast.flatten(1).amax(dim=1).clamp(min=_BLANK_CONTRAST)  # a blank cell's noise stays near 0
+            pattern = F.adaptive_avg_pool2d((contrast / peak[:, None, None])[:, None], side).flatten(1)
+            ink = (rgb * contrast[:, None]).sum(dim=(2, 3)) / (contrast.sum(dim=(1, 2))[:, None] + 1e-6)
+            index = chunk.reshape(-1).cpu()
+            total.index_add_(0, index, torch.cat([pattern, ink, pattern.mean(dim=1, keepdim=True)], dim=1))
+            count.index_add_(0, index, torch.ones(index.numel()))
+        seen = count > 0
+        if not seen.any():
+            raise ValueError("code_appearance needs at least one code grid, got none")
+        mean = total[seen] / count[seen, None]
+        features = torch.zeros(n, total.shape[1] + 1)
+        features[seen, :-1] = (mean - mean.mean(dim=0)) / mean.std(dim=0, correction=0).clamp(min=1e-6)
+        features[seen, -1] = 1.0
+        return features
 
     def _check_codes(self, codes: Tensor) -> Tensor:
         if not isinstance(codes, Tensor):
