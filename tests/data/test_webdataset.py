@@ -345,6 +345,8 @@ def test_config_errors_name_the_key(corpus, tmp_path, tok, monkeypatch):
         loader(data_cfg(corpus.pattern.replace("003", "009")), tok, rows=4)
     with pytest.raises(ConfigError, match=r"data.rows_per_epoch=3 is less than one batch per process"):
         loader(data_cfg(corpus.pattern), tok, rows=3, world_size=2)
+    with pytest.raises(ConfigError, match="model.image_code_embed=appearance .* data=shapes or data=jsonl"):
+        ChameleonDataModule(data_cfg(corpus.pattern), TOKENIZERS_DIR / "shapes").train_image_codes()
     monkeypatch.setattr(source, "wds", None)
     with pytest.raises(ConfigError, match=r"pip install 'chameleon-lite\[data\]'"):
         ChameleonDataModule(data_cfg(corpus.pattern), TOKENIZERS_DIR / "shapes")
