@@ -43,9 +43,10 @@ def build_model_config(cfg: DictConfig, tokenizer: MultimodalTokenizer) -> Model
                           "to take it from them, or point tokenizer.dir at the tokenizers of that vocabulary")
     if values.get("image_pos_embed") and values.get("image_grid") is None:
         values["image_grid"] = tokenizer.image.grid_size
-    if (values.get("image_pos_embed") or values.get("image_code_embed") == "appearance") and values.get("image_ids") is None:
+    appearance = values.get("image_code_embed", "free") != "free"
+    if (values.get("image_pos_embed") or appearance) and values.get("image_ids") is None:
         values["image_ids"] = [vocab.image_offset, vocab.image_offset + vocab.n_image]
-    if values.get("image_code_embed") == "appearance" and values.get("image_code_features") is None:
+    if appearance and values.get("image_code_features") is None:
         values["image_code_features"] = tokenizer.image.code_appearance_size()
     mc = ModelConfig.from_dict(values)
     seq_len = require(cfg, "data.seq_len", lambda v: isinstance(v, int) and v >= 2, "an int >= 2")
@@ -172,13 +173,14 @@ def train(cfg: DictConfig) -> dict:
                                       training_data=training_data_record(cfg.data),
                                       init_from=None if init_from is None else str(init_from),
                                       tokenizers=tokenizer_digests(resolve_path(cfg.tokenizer.dir)))
-    if model_cfg.image_code_embed == "appearance":  # (a resume then loads the checkpoint's, the same for its tokenizers)
+    if model_cfg.image_code_embed != "free":  # (a resume then loads the checkpoint's, the same for its tokenizers)
         codes = dm.train_image_codes()
         sample = codes[:APPEARANCE_IMAGES]
         used = torch.bincount(codes.flatten(), minlength=dm.tokenizer.image.codebook_size)
         unmeasured = used[torch.bincount(sample.flatten(), minlength=used.numel()) == 0].sum().item()
-        log.info("model.image_code_embed=appearance: measuring the image codes on %d of %d training images (codes "
-                 "absent there, embedded as zeros, are %.4f%% of the training image tokens)", len(sample), len(codes),
+        log.info("model.image_code_embed=%s: measuring the image codes on %d of %d training images (codes absent "
+                 "there have all-zero features: %.4f%% of the training image tokens)", model_cfg.image_code_embed,
+                 len(sample), len(codes),
                  100 * unmeasured / max(used.sum().item(), 1))
         module.model.image_codes.set_features(dm.tokenizer.image.code_appearance(sample))
     log.info("model: %.2fM parameters (%.2fM without embeddings)", module.model.num_params() / 1e6,

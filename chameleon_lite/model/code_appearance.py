@@ -30,6 +30,15 @@ def with_code_rows(weight: Tensor, start: int, rows: Tensor) -> Tensor:
     return torch.cat([weight[:start], rows.to(weight.dtype), weight[start + rows.shape[0]:]])
 
 
+def image_code_rows(weight: Tensor, cfg: ModelConfig, rows: Tensor) -> Tensor:
+    """``weight`` (embedding or head, (V, dim)) with its image-code rows as ``cfg.image_code_embed`` makes them
+    from the appearance ``rows``: the rows themselves ("appearance") or added to the free rows ("free+appearance")."""
+    start, end = cfg.image_ids
+    if cfg.image_code_embed == "free+appearance":
+        rows = weight[start:end].float() + rows
+    return with_code_rows(weight, start, rows)
+
+
 def appearance_rows(features: Tensor, proj: Tensor) -> Tensor:
     """The image codes' rows, ``features @ proj`` (n_codes, dim), in float32 whatever autocast says: the rows
     are weights, as a plain model's are, and the baked model must compute the same."""
@@ -64,17 +73,15 @@ class CodeAppearance(nn.Module):
 
 
 def bake_state(state: dict[str, Tensor], cfg: ModelConfig) -> tuple[dict[str, Tensor], ModelConfig]:
-    """A state dict and config of ``image_code_embed=appearance`` -> those of the plain model that computes the
+    """A state dict and config of ``image_code_embed=appearance`` (or ``free+appearance``) -> those of the plain model that computes the
     same (its image rows written into ``embed_tokens.weight`` and ``lm_head.weight``). Other configs pass
     through unchanged. ``state`` is not modified."""
-    if cfg.image_code_embed != "appearance":
+    if cfg.image_code_embed == "free":
         return state, cfg
     state = dict(state)
     features, embed_proj, head_proj = (state.pop(key) for key in APPEARANCE_KEYS)
-    start = cfg.image_ids[0]
-    state["embed_tokens.weight"] = with_code_rows(state["embed_tokens.weight"], start,
-                                                  appearance_rows(features, embed_proj))
-    state["lm_head.weight"] = with_code_rows(state["lm_head.weight"], start, appearance_rows(features, head_proj))
+    for key, proj in (("embed_tokens.weight", embed_proj), ("lm_head.weight", head_proj)):
+        state[key] = image_code_rows(state[key], cfg, appearance_rows(features, proj))
     plain = dataclasses.replace(cfg, image_code_embed="free", image_code_features=None,
                                 image_ids=cfg.image_ids if cfg.image_pos_embed else None)
     return state, plain

@@ -17,7 +17,7 @@ import yaml
 
 PRESET_DIR = Path(__file__).resolve().parents[2] / "conf" / "model"
 ATTN_IMPLS = ("sdpa", "xformers")
-IMAGE_CODE_EMBEDS = ("free", "appearance")
+IMAGE_CODE_EMBEDS = ("free", "appearance", "free+appearance")
 
 
 class ModelConfigError(ValueError):
@@ -57,7 +57,8 @@ class ModelConfig:
     image_grid: int | None = None  # code-grid side (8 for 64x64 images at f=8); filled by the training code
     image_ids: list[int] | None = None  # [start, end): the image-code id block; filled by the training code
     # "free": a learnt embedding row and head row per image code (Chameleon); "appearance": both are learnt linear
-    # maps of what the code looks like (`model.code_appearance`), a training-time parametrisation baked on export.
+    # maps of what the code looks like (`model.code_appearance`), a training-time parametrisation baked on export;
+    # "free+appearance": the sum of the two.
     image_code_embed: str = "free"
     image_code_features: int | None = None  # appearance features per code; filled by the training code
 
@@ -150,13 +151,13 @@ class ModelConfig:
             raise ModelConfigError(f"model.image_code_embed={self.image_code_embed!r} is not one of {IMAGE_CODE_EMBEDS}")
         if self.image_code_features is not None:
             _check_int(self, "image_code_features", minimum=1)
-        if self.image_code_embed == "appearance":
+        if self.image_code_embed != "free":
             if self.tie_embeddings:
-                raise ModelConfigError("model.image_code_embed=appearance gives the image codes' input and output rows "
+                raise ModelConfigError(f"model.image_code_embed={self.image_code_embed} gives the image codes' input and output rows "
                                        "their own maps, which a tied head cannot hold: set model.tie_embeddings=false")
             if require_vocab and (self.image_ids is None or self.image_code_features is None):
                 raise ModelConfigError(
-                    "model.image_code_embed=appearance needs model.image_ids ([start, end) of the image codes) and "
+                    f"model.image_code_embed={self.image_code_embed} needs model.image_ids ([start, end) of the image codes) and "
                     "model.image_code_features (features per code): the training code fills both from the tokenizers")
         if self.image_pos_embed and require_vocab and (self.image_grid is None or self.image_ids is None):
             raise ModelConfigError(

@@ -39,7 +39,7 @@ from chameleon_lite.model.attention import (
     sdpa_mask,
     xformers_mask,
 )
-from chameleon_lite.model.code_appearance import CodeAppearance, appearance_rows, with_code_rows
+from chameleon_lite.model.code_appearance import CodeAppearance, appearance_rows, image_code_rows
 from chameleon_lite.model.config import ModelConfig
 
 
@@ -150,7 +150,7 @@ class ChameleonLM(nn.Module):
         if cfg.image_pos_embed:
             self.image_row_embed = nn.Embedding(cfg.image_grid, cfg.dim)
             self.image_col_embed = nn.Embedding(cfg.image_grid, cfg.dim)
-        if cfg.image_code_embed == "appearance":
+        if cfg.image_code_embed != "free":
             start, end = cfg.image_ids
             self.image_codes = CodeAppearance(end - start, cfg.image_code_features, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
@@ -231,7 +231,7 @@ class ChameleonLM(nn.Module):
         T = input_ids.shape[1]
         mask, attn_impl, positions = self._attention_inputs(input_ids, positions, doc_lens, kv_cache, token_mask)
         x = self.embed_tokens(input_ids)  # (B, T, dim)
-        if self.cfg.image_code_embed == "appearance":
+        if self.cfg.image_code_embed != "free":
             x = self._appearance_embedding(input_ids, x)
         if self.cfg.image_pos_embed:
             x = x + self.image_position_embedding(input_ids, positions, kv_cache)
@@ -252,15 +252,18 @@ class ChameleonLM(nn.Module):
         weight = self.lm_head.weight
         if self.cfg.image_code_embed == "free":
             return weight
-        return with_code_rows(weight, self.cfg.image_ids[0],
-                              appearance_rows(self.image_codes.features, self.image_codes.head_proj))
+        return image_code_rows(weight, self.cfg, appearance_rows(self.image_codes.features, self.image_codes.head_proj))
 
     def _appearance_embedding(self, input_ids: Tensor, x: Tensor) -> Tensor:
-        """``x`` (the free rows' embedding) with every image code's embedding from its appearance."""
+        """``x`` (the free rows' embedding) with every image code's embedding from its appearance (replaced, or
+        added with ``free+appearance``)."""
         start, end = self.cfg.image_ids
         is_image = (input_ids >= start) & (input_ids < end)
-        rows = appearance_rows(self.image_codes.features, self.image_codes.embed_proj).to(x.dtype)
-        return torch.where(is_image[..., None], F.embedding((input_ids - start).clamp(0, end - start - 1), rows), x)
+        rows = appearance_rows(self.image_codes.features, self.image_codes.embed_proj)
+        looks = F.embedding((input_ids - start).clamp(0, end - start - 1), rows)
+        if self.cfg.image_code_embed == "free+appearance":
+            looks = x.float() + looks
+        return torch.where(is_image[..., None], looks.to(x.dtype), x)
 
     def image_position_embedding(self, input_ids: Tensor, positions: Tensor, kv_cache: KVCache | None = None) -> Tensor:
         """Row + column embedding of each image code's cell in its image's code grid, 0 elsewhere: (B, T, dim).
@@ -354,7 +357,7 @@ class ChameleonLM(nn.Module):
             n -= self.embed_tokens.weight.numel()
             if self.cfg.image_pos_embed:
                 n -= self.image_row_embed.weight.numel() + self.image_col_embed.weight.numel()
-            if self.cfg.image_code_embed == "appearance":
+            if self.cfg.image_code_embed != "free":
                 n -= self.image_codes.embed_proj.numel()
         return n
 

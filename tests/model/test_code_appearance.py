@@ -16,9 +16,9 @@ from chameleon_lite.vq.api import ImageTokenizer
 START, END, K = 20, 52, 7  # a 64-id vocabulary whose ids 20..51 are 32 image codes
 
 
-def appearance_model(seed=0):
+def appearance_model(seed=0, mode="appearance"):
     torch.manual_seed(seed)
-    cfg = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, max_seq_len=64, image_code_embed="appearance",
+    cfg = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, max_seq_len=64, image_code_embed=mode,
                       image_ids=[START, END], image_code_features=K)
     model = ChameleonLM(cfg)
     model.image_codes.set_features(torch.randn(END - START, K))
@@ -51,19 +51,31 @@ def test_training_moves_the_maps_not_the_unused_image_rows():
     assert model.lm_head.weight.grad[:START].abs().sum() > 0
 
 
+def test_free_plus_appearance_adds_the_two_rows():
+    model = appearance_model(mode="free+appearance")
+    ids = torch.tensor([[1, START + 4]])
+    embedded = model.embed_tokens(ids)
+    x = model._appearance_embedding(ids, embedded)
+    codes = model.image_codes
+    assert torch.allclose(x[0, 1], model.embed_tokens.weight[START + 4] + codes.features[4] @ codes.embed_proj)
+    assert torch.equal(x[0, 0], embedded[0, 0])
+    assert torch.allclose(model.head_weight()[START:END], model.lm_head.weight[START:END] + codes.features @ codes.head_proj)
+
+
+@pytest.mark.parametrize("mode", ["appearance", "free+appearance"])
 @pytest.mark.parametrize("autocast", [False, True])
-def test_the_baked_plain_model_computes_the_same_logits(autocast):
-    model = appearance_model().eval()
+def test_the_baked_plain_model_computes_the_same_logits(autocast, mode):
+    model = appearance_model(mode=mode).eval()
     state, plain_cfg = bake_state(model.state_dict(), model.cfg)
     assert plain_cfg.image_code_embed == "free" and plain_cfg.image_code_features is None and plain_cfg.image_ids is None
-    assert model.cfg.image_code_embed == "appearance"  # (the model's own config is left alone)
+    assert model.cfg.image_code_embed == mode  # (the model's own config is left alone)
     plain = ChameleonLM(plain_cfg).eval()
     plain.load_state_dict(state)  # strict: no appearance key left, none missing
     ids = torch.randint(0, 64, (2, 24))
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         a, b = model(ids), plain(ids)
         sliced = model(ids, vocab_slice=slice(START, END)), plain(ids, vocab_slice=slice(START, END))
-    assert torch.equal(a, b) and torch.equal(*sliced)
+    assert torch.allclose(a, b, atol=1e-6 if not autocast else 0.0) and torch.allclose(*sliced, atol=1e-6 if not autocast else 0.0)
 
 
 def test_config_checks():
