@@ -180,8 +180,7 @@ def train(cfg: DictConfig) -> dict:
         unmeasured = used[torch.bincount(sample.flatten(), minlength=used.numel()) == 0].sum().item()
         log.info("model.image_code_embed=%s: measuring the image codes on %d of %d training images (codes absent "
                  "there have all-zero features: %.4f%% of the training image tokens)", model_cfg.image_code_embed,
-                 len(sample), len(codes),
-                 100 * unmeasured / max(used.sum().item(), 1))
+                 len(sample), len(codes), 100 * unmeasured / max(used.sum().item(), 1))
         module.model.image_codes.set_features(dm.tokenizer.image.code_appearance(sample))
     log.info("model: %.2fM parameters (%.2fM without embeddings)", module.model.num_params() / 1e6,
              module.model.num_params(exclude_embeddings=True) / 1e6)

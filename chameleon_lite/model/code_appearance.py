@@ -1,4 +1,4 @@
-"""Image codes embedded by what they look like: ``model.image_code_embed=appearance``.
+"""Image codes embedded by what they look like: ``model.image_code_embed=appearance`` (or ``free+appearance``).
 
 A VQ code id is an arbitrary index. With a free embedding row and a free head row per code, a model learns
 "red" and "triangle edge" once per code, and a colour-shape pair that training never draws is made of codes it
@@ -6,6 +6,7 @@ never learnt to put in that place: it draws a red circle and a blue triangle for
 circle". Here an image code's input embedding and its head row are linear maps of the code's appearance
 (`ImageTokenizer.code_appearance`: contrast pattern, ink colour, ink fraction, measured on the training
 images), so an image code's logit is a pattern score plus a colour score, learnt from all codes at once.
+``free+appearance`` adds these rows to the free ones: what appearance does not describe stays learnable per code.
 
 It is a training-time parametrisation of the two weight matrices: `bake_state` writes the rows it gives into
 plain ``embed_tokens.weight`` / ``lm_head.weight``, so an exported or loaded model is a plain `ChameleonLM`
@@ -73,9 +74,9 @@ class CodeAppearance(nn.Module):
 
 
 def bake_state(state: dict[str, Tensor], cfg: ModelConfig) -> tuple[dict[str, Tensor], ModelConfig]:
-    """A state dict and config of ``image_code_embed=appearance`` (or ``free+appearance``) -> those of the plain model that computes the
-    same (its image rows written into ``embed_tokens.weight`` and ``lm_head.weight``). Other configs pass
-    through unchanged. ``state`` is not modified."""
+    """A state dict and config of ``image_code_embed=appearance`` (or ``free+appearance``) -> those of the plain
+    model that computes the same (its image rows written into ``embed_tokens.weight`` and ``lm_head.weight``).
+    Other configs pass through unchanged. ``state`` is not modified."""
     if cfg.image_code_embed == "free":
         return state, cfg
     state = dict(state)

@@ -153,12 +153,14 @@ class ModelConfig:
             _check_int(self, "image_code_features", minimum=1)
         if self.image_code_embed != "free":
             if self.tie_embeddings:
-                raise ModelConfigError(f"model.image_code_embed={self.image_code_embed} gives the image codes' input and output rows "
-                                       "their own maps, which a tied head cannot hold: set model.tie_embeddings=false")
+                raise ModelConfigError(f"model.image_code_embed={self.image_code_embed} gives the image codes' input and "
+                                       "output rows their own maps, which a tied head cannot hold: set "
+                                       "model.tie_embeddings=false")
             if require_vocab and (self.image_ids is None or self.image_code_features is None):
                 raise ModelConfigError(
-                    f"model.image_code_embed={self.image_code_embed} needs model.image_ids ([start, end) of the image codes) and "
-                    "model.image_code_features (features per code): the training code fills both from the tokenizers")
+                    f"model.image_code_embed={self.image_code_embed} needs model.image_ids ([start, end) of the image "
+                    "codes) and model.image_code_features (features per code): the training code fills both from the "
+                    "tokenizers")
         if self.image_pos_embed and require_vocab and (self.image_grid is None or self.image_ids is None):
             raise ModelConfigError(
                 "model.image_pos_embed=true needs model.image_grid (code-grid side) and model.image_ids "

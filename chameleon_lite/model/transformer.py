@@ -15,8 +15,8 @@ State-dict layout (HF interop maps these; fused weights split along dim 0):
 - `image_row_embed.weight`, `image_col_embed.weight` (image_grid, dim): only with `image_pos_embed`
   (2-D positions of image codes; HF's Chameleon has none, so such a model does not export to HF).
 - `image_codes.{features,embed_proj,head_proj}`: only with `image_code_embed=appearance`, whose image-code
-  rows of `embed_tokens.weight` and `lm_head.weight` are unused (`code_appearance.bake_state` writes the rows
-  these give into them: the exported model is a plain one).
+  rows of `embed_tokens.weight` and `lm_head.weight` are unused, or `free+appearance`, whose rows add to them
+  (`code_appearance.bake_state` writes the rows the two give into them: the exported model is a plain one).
 """
 
 from __future__ import annotations
@@ -248,7 +248,7 @@ class ChameleonLM(nn.Module):
 
     def head_weight(self) -> Tensor:
         """The head's weight (vocab, dim) as the logits use it: ``lm_head.weight``, with the image codes' rows
-        from their appearance under ``image_code_embed=appearance``."""
+        from their appearance under ``image_code_embed=appearance`` (added to the free rows: ``free+appearance``)."""
         weight = self.lm_head.weight
         if self.cfg.image_code_embed == "free":
             return weight
