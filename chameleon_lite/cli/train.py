@@ -173,7 +173,7 @@ def train(cfg: DictConfig) -> dict:
                                       training_data=training_data_record(cfg.data),
                                       init_from=None if init_from is None else str(init_from),
                                       tokenizers=tokenizer_digests(resolve_path(cfg.tokenizer.dir)))
-    if model_cfg.image_code_embed != "free":  # (a resume then loads the checkpoint's, the same for its tokenizers)
+    if model_cfg.image_code_embed != "free" and ckpt_file is None:  # (a resume loads the checkpoint's features)
         codes = dm.train_image_codes()
         sample = codes[:APPEARANCE_IMAGES]
         used = torch.bincount(codes.flatten(), minlength=dm.tokenizer.image.codebook_size)
