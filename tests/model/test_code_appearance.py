@@ -110,7 +110,7 @@ def test_code_appearance_separates_pattern_from_colour():
         tok.code_appearance(torch.zeros(0, 8, 8, dtype=torch.long))
 
 
-def test_train_export_and_load_give_a_plain_model_with_the_trained_logits(tiny_train_cfg, tmp_path):
+def test_train_export_and_load_give_a_plain_model_with_the_trained_logits(tiny_train_cfg, tmp_path, monkeypatch):
     result = train(tiny_train_cfg("model.image_code_embed=appearance", "trainer.max_steps=3", "export_weights=true",
                                   "callbacks.loss_curve=null"))
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
@@ -128,6 +128,17 @@ def test_train_export_and_load_give_a_plain_model_with_the_trained_logits(tiny_t
     ids = torch.randint(0, vocab.size, (1, 40))
     expected = trained.eval()(ids)
     assert torch.allclose(from_ckpt(ids), expected, atol=1e-6) and torch.allclose(exported(ids), expected, atol=1e-6)
+
+    # a resume trains on with the checkpoint's features: it does not measure the codes again
+    def measured_again(*args, **kwargs):
+        raise AssertionError("a resumed run measured the code appearance again")
+
+    monkeypatch.setattr(ImageTokenizer, "code_appearance", measured_again)
+    resumed = train(tiny_train_cfg("model.image_code_embed=appearance", "trainer.max_steps=5", "ckpt_path=last",
+                                   "export_weights=true", "callbacks.loss_curve=null"))
+    assert resumed["global_step"] == 5
+    after = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert torch.equal(after["model.image_codes.features"], features)
 
 
 def test_a_plain_model_does_not_initialise_an_appearance_run(tiny_train_cfg, tmp_path):
