@@ -146,15 +146,17 @@ def test_muon_trains_checkpoints_and_resumes_to_the_same_losses(tiny_train_cfg, 
     assert lrs[7] == pytest.approx([0.05 * scale, 0.5 * scale, 0.5 * scale])
 
 
-def test_the_muon_recipe_is_the_recipe_with_muon_more_scenes_and_appearance_codes_for_the_same_cpu_time():
+def test_the_muon_recipe_is_the_recipe_with_muon_more_scenes_and_appearance_and_positions_of_codes_for_the_same_time():
     from conftest import compose_config
 
     adamw, muon = (compose_config("train", [f"experiment={e}"]) for e in ("shapes_cpu", "shapes_cpu_muon"))
     assert (adamw.optim.name, muon.optim.name) == ("adamw", "muon")
     assert muon.trainer.max_steps == 2400 < adamw.trainer.max_steps == 2800
     assert muon.model.image_code_embed == "free+appearance" and adamw.model.image_code_embed == "free"  # session 22
-    assert {k: v for k, v in muon.model.items() if k != "image_code_embed"} == {
-        k: v for k, v in adamw.model.items() if k != "image_code_embed"}
+    assert muon.model.image_pos_embed and not adamw.model.image_pos_embed  # session 23
+    changed = ("image_code_embed", "image_pos_embed")
+    assert {k: v for k, v in muon.model.items() if k not in changed} == {
+        k: v for k, v in adamw.model.items() if k not in changed}
     assert muon.data.n_train == 80000 > adamw.data.n_train  # Muon overfits the recipe's 20,000 scenes (README Results)
     assert {k: v for k, v in muon.data.items() if k != "n_train"} == {k: v for k, v in adamw.data.items() if k != "n_train"}
     assert {k: v for k, v in muon.optim.items() if k not in ("name", "muon")} == {k: v for k, v in adamw.optim.items() if k != "name"}
