@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
@@ -23,6 +24,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from chameleon_lite.config import ConfigError
 from chameleon_lite.data.shapes import ShapesWorld
+from chameleon_lite.data.shapes_scene import COLOURS
 from chameleon_lite.vq.image_io import (
     DEFAULT_MAX_PIXELS,
     DEFAULT_MIN_SIDE,
@@ -33,20 +35,49 @@ from chameleon_lite.vq.image_io import (
 
 log = logging.getLogger(__name__)
 
+_RECOLOUR_STREAM = 7  # the recolouring's random stream, apart from the world's splits (0-2)
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 
 
-class ShapesImages(Dataset):
-    """The images of a :class:`~chameleon_lite.data.shapes.ShapesWorld` split (captions dropped)."""
+def recolour(image: Tensor, permutation: Sequence[int]) -> Tensor:
+    """A shapes image with palette colour ``i`` repainted as palette colour ``permutation[i]``.
 
-    def __init__(self, seed: int, image_size: int, split: str, length: int) -> None:
+    Shapes images have hard edges and exact :data:`~chameleon_lite.data.shapes_scene.COLOURS` values,
+    so the swap is exact: the result is the image of the same layout in other colours. Other pixels
+    (the background) are kept.
+    """
+    palette = torch.tensor(list(COLOURS.values()), dtype=image.dtype)
+    if sorted(permutation) != list(range(len(palette))):
+        raise ValueError(f"permutation must order all {len(palette)} palette colours, got {list(permutation)}")
+    masks = [(image == colour[:, None, None]).all(dim=0) for colour in palette]  # before any repainting
+    out = image.clone()
+    for mask, target in zip(masks, permutation, strict=True):
+        out[:, mask] = palette[target][:, None]
+    return out
+
+
+class ShapesImages(Dataset):
+    """The images of a :class:`~chameleon_lite.data.shapes.ShapesWorld` split (captions dropped).
+
+    ``recolour=True``: each image's palette colours are swapped by a random permutation (drawn from
+    ``(seed, index)``, so deterministic), so a tokenizer trained on them sees every colour on every
+    shape, the colour-shape pairs held out of the split included. The transformer's data never
+    does; only the image vocabulary covers them (README Results, session 24).
+    """
+
+    def __init__(self, seed: int, image_size: int, split: str, length: int, recolour: bool = False) -> None:
         self.world = ShapesWorld(seed=seed, image_size=image_size, split=split, length=length)
+        self.seed, self.recolour = seed, recolour
 
     def __len__(self) -> int:
         return len(self.world)
 
     def __getitem__(self, index: int) -> Tensor:
-        return self.world[index].image
+        image = self.world[index].image
+        if not self.recolour:
+            return image
+        permutation = np.random.default_rng([self.seed, _RECOLOUR_STREAM, index]).permutation(len(COLOURS))
+        return recolour(image, permutation.tolist())
 
 
 class ImageFileDataset(Dataset):
@@ -136,17 +167,22 @@ class VQDataModule(L.LightningDataModule):
     """Train/val loaders of images for the tokenizer.
 
     Source: ``folder`` (recursive image folder) or ``jsonl`` (``{"image": path}`` lines) if set,
-    else the shapes world (``train_length``/``val_length`` samples of its train/val splits).
+    else the shapes world (``train_length``/``val_length`` samples of its train/val splits;
+    ``recolour``: the training images recoloured, :class:`ShapesImages`, validation as drawn).
     For user files ``val_length`` files are held out for validation.
     """
 
     def __init__(self, image_size: int, batch_size: int = 32, num_workers: int = 0, seed: int = 0,
                  folder: str | None = None, jsonl: str | None = None, train_length: int = 1_000_000,
                  val_length: int = 256, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int = DEFAULT_MIN_SIDE,
-                 strict: bool = False) -> None:
+                 strict: bool = False, recolour: bool = False) -> None:
         super().__init__()
         if folder and jsonl:
             raise ValueError("set only one of data.folder and data.jsonl")
+        if recolour and (folder or jsonl):
+            raise ConfigError("data.recolour=true swaps the shapes world's palette colours; user images have no "
+                              "palette: drop data.recolour, or data.folder / data.jsonl")
+        self.recolour = recolour
         self.image_size, self.batch_size, self.num_workers, self.seed = image_size, batch_size, num_workers, seed
         self.folder, self.jsonl = folder, jsonl
         self.train_length, self.val_length = train_length, val_length
@@ -162,7 +198,7 @@ class VQDataModule(L.LightningDataModule):
         if self.train_set is not None:
             return
         if self.source == "shapes":
-            self.train_set = ShapesImages(self.seed, self.image_size, "train", self.train_length)
+            self.train_set = ShapesImages(self.seed, self.image_size, "train", self.train_length, self.recolour)
             self.val_set = ShapesImages(self.seed, self.image_size, "val", self.val_length)
             return
         paths = list_image_folder(self.folder) if self.folder else read_image_jsonl(self.jsonl)
