@@ -20,6 +20,7 @@ from chameleon_lite.multimodal_tokenizer import (
 )
 from chameleon_lite.train.module import ChameleonLightningModule, trainer_settings
 from chameleon_lite.train.trainer import build_trainer, resolve_ckpt_path
+from chameleon_lite.vq.data import ShapesImages
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +28,19 @@ log = logging.getLogger(__name__)
 #: (the first 1,024 of 80,000 shapes-world images hold 508 of the 511 codes the 80,000 use; the other three are
 #: 1.4e-6 of their image tokens).
 APPEARANCE_IMAGES = 1024
+
+
+def recoloured_codes(data_cfg: DictConfig, image_tokenizer, n: int) -> torch.Tensor:
+    """The codes (n, tokens_per_image) of the first ``n`` shapes-world training images with their palette colours
+    swapped (`appearance_recolour=true`): a tokenizer trained on such images (`chameleon-train-vq data.recolour=true`)
+    has codes for colour-shape pairs the training data holds out, and only images that use them can measure them."""
+    if data_cfg.source != "shapes":
+        raise ConfigError(f"appearance_recolour=true measures the image codes on recoloured shapes-world images; "
+                          f"data={data_cfg.source} has no palette to swap: use data=shapes or appearance_recolour=false")
+    images = ShapesImages(seed=data_cfg.seed, image_size=data_cfg.image_size, split="train", length=n, recolour=True)
+    grids = torch.cat([image_tokenizer.encode(torch.stack([images[i] for i in range(first, min(first + 256, n))]))
+                       for first in range(0, n, 256)])
+    return grids.flatten(1)
 
 
 def build_model_config(cfg: DictConfig, tokenizer: MultimodalTokenizer) -> ModelConfig:
@@ -176,6 +190,8 @@ def train(cfg: DictConfig) -> dict:
     if model_cfg.image_code_embed != "free" and ckpt_file is None:  # (a resume loads the checkpoint's features)
         codes = dm.train_image_codes()
         sample = codes[:APPEARANCE_IMAGES]
+        if cfg.get("appearance_recolour", False):
+            sample = torch.cat([sample, recoloured_codes(cfg.data, dm.tokenizer.image, len(sample))])
         used = torch.bincount(codes.flatten(), minlength=dm.tokenizer.image.codebook_size)
         unmeasured = used[torch.bincount(sample.flatten(), minlength=used.numel()) == 0].sum().item()
         log.info("model.image_code_embed=%s: measuring the image codes on %d of %d training images (codes absent "

@@ -4,14 +4,17 @@ import dataclasses
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from chameleon_lite.checkpoint import CheckpointError, load_model
-from chameleon_lite.cli.train import train
-from chameleon_lite.config import TOKENIZERS_DIR
+from chameleon_lite.cli.train import recoloured_codes, train
+from chameleon_lite.config import TOKENIZERS_DIR, ConfigError
+from chameleon_lite.data.datamodule import ChameleonDataModule
 from chameleon_lite.data.shapes import ShapesWorld
 from chameleon_lite.model import ChameleonLM, ModelConfig, ModelConfigError
 from chameleon_lite.model.code_appearance import bake_state
 from chameleon_lite.vq.api import ImageTokenizer
+from chameleon_lite.vq.data import ShapesImages
 
 START, END, K = 20, 52, 7  # a 64-id vocabulary whose ids 20..51 are 32 image codes
 
@@ -139,6 +142,25 @@ def test_train_export_and_load_give_a_plain_model_with_the_trained_logits(tiny_t
     assert resumed["global_step"] == 5
     after = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     assert torch.equal(after["model.image_codes.features"], features)
+
+
+def test_appearance_recolour_also_measures_the_codes_of_the_training_images_recoloured(tiny_train_cfg, tmp_path):
+    cfg = tiny_train_cfg("model.image_code_embed=free+appearance", "appearance_recolour=true", "trainer.max_steps=1",
+                         "callbacks.loss_curve=null")
+    tok = ImageTokenizer.from_pretrained(TOKENIZERS_DIR / "shapes")
+    recoloured = recoloured_codes(cfg.data, tok, 256)
+    images = ShapesImages(seed=0, image_size=64, split="train", length=256, recolour=True)
+    assert torch.equal(recoloured[:3], tok.encode(torch.stack([images[i] for i in range(3)])).flatten(1))
+    train(cfg)
+    features = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"][
+        "model.image_codes.features"]
+    plain = ChameleonDataModule(cfg.data, tokenizer_dir=cfg.tokenizer.dir, seed=cfg.seed).train_image_codes()
+    measured = torch.zeros(512, dtype=torch.bool)
+    measured[torch.cat([plain.flatten(), recoloured.flatten()])] = True
+    assert torch.equal(features[:, -1] == 1, measured)
+    assert (measured.sum() > plain.unique().numel())  # codes the plain images never use are measured too
+    with pytest.raises(ConfigError, match="data=jsonl has no palette to swap"):
+        recoloured_codes(OmegaConf.create({"source": "jsonl"}), tok, 4)
 
 
 def test_a_plain_model_does_not_initialise_an_appearance_run(tiny_train_cfg, tmp_path):
