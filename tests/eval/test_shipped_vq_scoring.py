@@ -16,10 +16,14 @@ from chameleon_lite.data.shapes import ShapesWorld
 from chameleon_lite.eval.scoring import aggregate, score_generated_image
 from chameleon_lite.vq import ImageTokenizer
 
+# the shipped tokenizers, each with the least held-out round-trip accuracy it keeps: tokenizers/shapes never saw a
+# held-out pair; tokenizers/shapes_recoloured (chameleon-train-vq data.recolour=true) saw every colour on every shape
+HELD_OUT_FLOOR = {"shapes": 0.6, "shapes_recoloured": 0.93}
 
-@pytest.fixture(scope="module")
-def tokenizer() -> ImageTokenizer:
-    return ImageTokenizer.from_pretrained("tokenizers/shapes")
+
+@pytest.fixture(scope="module", params=sorted(HELD_OUT_FLOOR))
+def tokenizer(request) -> ImageTokenizer:
+    return ImageTokenizer.from_pretrained(f"tokenizers/{request.param}")
 
 
 @pytest.fixture(scope="module")
@@ -55,10 +59,10 @@ def test_shipped_vq_round_trip_keeps_scenes_readable(tokenizer, test_samples):
     print(f"VQ round trip, scored against the scene's own spec: seen {np.mean(seen):.4f} ({len(seen)}), "
           f"held-out {np.mean(held):.4f} ({len(held)}), per category "
           f"{ {c: round(v['accuracy'], 3) for c, v in summary['per_category'].items()} }")
-    # Measured (seed 0, test 0-199): seen 153/156 = 0.981 (0.987 over 392 seen of 512), held-out 37/44 = 0.84
-    # (the VQ never saw a held-out pair either). Margins leave room for a few codes flipping on other CPUs;
-    # a broken tokenizer or scorer lands far below.
+    # Measured (seed 0, test 0-199): tokenizers/shapes seen 153/156 = 0.981 (0.987 over 392 seen of 512), held-out
+    # 37/44 = 0.84 (the VQ never saw a held-out pair either); tokenizers/shapes_recoloured seen 155/156 = 0.994, held-out
+    # 43/44 = 0.977. Margins leave room for a few codes flipping on other CPUs; a broken tokenizer or scorer lands far below.
     assert len(seen) >= 100 and np.mean(seen) >= 0.96
-    assert len(held) >= 20 and np.mean(held) >= 0.6
+    assert len(held) >= 20 and np.mean(held) >= HELD_OUT_FLOOR[tokenizer.name]
     for category, stats in summary["per_category"].items():
         assert stats["accuracy"] >= 0.8, category
