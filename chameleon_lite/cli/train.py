@@ -190,13 +190,15 @@ def train(cfg: DictConfig) -> dict:
     if model_cfg.image_code_embed != "free" and ckpt_file is None:  # (a resume loads the checkpoint's features)
         codes = dm.train_image_codes()
         sample = codes[:APPEARANCE_IMAGES]
+        measured_on = f"{len(sample)} of {len(codes)} training images"
         if cfg.get("appearance_recolour", False):
             sample = torch.cat([sample, recoloured_codes(cfg.data, dm.tokenizer.image, len(sample))])
+            measured_on += " and on them recoloured (appearance_recolour=true)"
         used = torch.bincount(codes.flatten(), minlength=dm.tokenizer.image.codebook_size)
         unmeasured = used[torch.bincount(sample.flatten(), minlength=used.numel()) == 0].sum().item()
-        log.info("model.image_code_embed=%s: measuring the image codes on %d of %d training images (codes absent "
-                 "there have all-zero features: %.4f%% of the training image tokens)", model_cfg.image_code_embed,
-                 len(sample), len(codes), 100 * unmeasured / max(used.sum().item(), 1))
+        log.info("model.image_code_embed=%s: measuring the image codes on %s (codes absent there have all-zero "
+                 "features: %.4f%% of the training image tokens)", model_cfg.image_code_embed, measured_on,
+                 100 * unmeasured / max(used.sum().item(), 1))
         module.model.image_codes.set_features(dm.tokenizer.image.code_appearance(sample))
     log.info("model: %.2fM parameters (%.2fM without embeddings)", module.model.num_params() / 1e6,
              module.model.num_params(exclude_embeddings=True) / 1e6)
