@@ -150,6 +150,12 @@ def test_the_muon_recipe_is_the_recipe_with_muon_more_scenes_and_appearance_and_
     from conftest import compose_config
 
     adamw, muon = (compose_config("train", [f"experiment={e}"]) for e in ("shapes_cpu", "shapes_cpu_muon"))
+    # session 24: the tokenizer trained on recoloured scenes, its codes measured on recoloured images too
+    assert (muon.tokenizer.name, adamw.tokenizer.name) == ("shapes_recoloured", "shapes")
+    assert muon.tokenizer.dir.endswith("tokenizers/shapes_recoloured") and muon.appearance_recolour
+    assert not adamw.appearance_recolour
+    assert {k: v for k, v in muon.tokenizer.items() if k not in ("name", "dir")} == {
+        k: v for k, v in adamw.tokenizer.items() if k not in ("name", "dir")}
     assert (adamw.optim.name, muon.optim.name) == ("adamw", "muon")
     assert muon.trainer.max_steps == 2400 < adamw.trainer.max_steps == 2800
     assert muon.model.image_code_embed == "free+appearance" and adamw.model.image_code_embed == "free"  # session 22
