@@ -36,6 +36,7 @@ from chameleon_lite.vq.image_io import (
 log = logging.getLogger(__name__)
 
 _RECOLOUR_STREAM = 7  # the recolouring's random stream, apart from the world's splits (0-2)
+_PALETTE = torch.tensor(list(COLOURS.values()), dtype=torch.uint8)  # (colours, 3), COLOURS' order
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 
 
@@ -46,13 +47,12 @@ def recolour(image: Tensor, permutation: Sequence[int]) -> Tensor:
     so the swap is exact: the result is the image of the same layout in other colours. Other pixels
     (the background) are kept.
     """
-    palette = torch.tensor(list(COLOURS.values()), dtype=image.dtype)
-    if sorted(permutation) != list(range(len(palette))):
-        raise ValueError(f"permutation must order all {len(palette)} palette colours, got {list(permutation)}")
-    masks = [(image == colour[:, None, None]).all(dim=0) for colour in palette]  # before any repainting
+    if sorted(permutation) != list(range(len(_PALETTE))):
+        raise ValueError(f"permutation must order all {len(_PALETTE)} palette colours, got {list(permutation)}")
+    masks = [(image == colour[:, None, None]).all(dim=0) for colour in _PALETTE]  # before any repainting
     out = image.clone()
     for mask, target in zip(masks, permutation, strict=True):
-        out[:, mask] = palette[target][:, None]
+        out[:, mask] = _PALETTE[target][:, None]
     return out
 
 
