@@ -187,6 +187,9 @@ def train(cfg: DictConfig) -> dict:
                                       training_data=training_data_record(cfg.data),
                                       init_from=None if init_from is None else str(init_from),
                                       tokenizers=tokenizer_digests(resolve_path(cfg.tokenizer.dir)))
+    if cfg.get("appearance_recolour", False) and model_cfg.image_code_embed == "free":
+        log.warning("appearance_recolour=true has no effect with model.image_code_embed=free (no code appearance is "
+                    "measured): set model.image_code_embed=free+appearance, or appearance_recolour=false")
     if model_cfg.image_code_embed != "free" and ckpt_file is None:  # (a resume loads the checkpoint's features)
         codes = dm.train_image_codes()
         sample = codes[:APPEARANCE_IMAGES]

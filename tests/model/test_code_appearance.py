@@ -163,6 +163,12 @@ def test_appearance_recolour_also_measures_the_codes_of_the_training_images_reco
         recoloured_codes(OmegaConf.create({"source": "jsonl"}), tok, 4)
 
 
+def test_appearance_recolour_on_free_image_rows_says_it_does_nothing(tiny_train_cfg, caplog):
+    with caplog.at_level("WARNING", logger="chameleon_lite.cli.train"):
+        train(tiny_train_cfg("appearance_recolour=true", "trainer.max_steps=1", "callbacks.loss_curve=null"))
+    assert "appearance_recolour=true has no effect with model.image_code_embed=free" in caplog.text
+
+
 def test_a_plain_model_does_not_initialise_an_appearance_run(tiny_train_cfg, tmp_path):
     result = train(tiny_train_cfg("trainer.max_steps=2", "export_weights=true", "callbacks.loss_curve=null"))
     with pytest.raises(CheckpointError, match="model.image_code_embed=.appearance. here, .free. there"):
